@@ -1,0 +1,96 @@
+"""`lite-srpo train|demo|make-tiny|...`: thin argument parsing over the library; errors print one line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from .errors import LiteSrpoError
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+
+
+def command(name: str, help_text: str):
+    def register(fn_pair):
+        add_args, run = fn_pair()
+        COMMANDS[name] = (add_args, run, help_text)
+        return fn_pair
+    return register
+
+
+@command("train", "train with a recipe: lite-srpo train RECIPE [key.sub=value ...] [--resume]")
+def _train():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("recipe", help="YAML recipe (see recipes/)")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
+        p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from .config import load_config
+        from .pipeline import run_training
+
+        cfg = load_config(a.recipe, a.overrides)
+        run_training(cfg, resume=a.resume, quiet=a.quiet)
+        return 0
+    return add, run
+
+
+@command("demo", "tiny model → SFT warm-up → RL → held-out accuracy table (CPU, minutes)")
+def _demo():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides on recipes/demo_cpu.yaml")
+        p.add_argument("--recipe", default=None, help="recipe to use instead of the bundled demo recipe")
+
+    def run(a: argparse.Namespace) -> int:
+        from .demo import run_demo
+
+        run_demo(a.recipe, a.overrides)
+        return 0
+    return add, run
+
+
+@command("make-tiny", "write a tiny random VLM (real HF architecture, tokenizer, processor) to OUT_DIR")
+def _make_tiny():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("out_dir")
+        p.add_argument("--arch", required=True, help="qwen2_5_vl | qwen2_vl | idefics3 | qwen3_vl")
+        p.add_argument("--size", default="test", choices=["test", "demo"])
+        p.add_argument("--seed", type=int, default=0)
+
+    def run(a: argparse.Namespace) -> int:
+        from .tiny import make_tiny
+
+        print(make_tiny(a.arch, a.out_dir, size=a.size, seed=a.seed))
+        return 0
+    return add, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lite-srpo", description="RLVR for vision-language models on one GPU.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, _, help_text) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "bitsandbytes", "peft", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return COMMANDS[args.command][1](args)
+    except LiteSrpoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

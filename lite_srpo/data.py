@@ -1,0 +1,24 @@
+"""Train/test splits from the recipe: a procedural task, or local dataset files."""
+from __future__ import annotations
+
+from .config import DataConfig
+from .errors import DataError
+from .tasks import load_samples, make_task
+from .tasks.base import Sample
+
+
+def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, test). Without a test file, a file dataset keeps its last 10% (at least 1) as test."""
+    if cfg.task:
+        train = make_task(cfg.task, "train", cfg.n_train, seed, image_size=cfg.image_size)
+        test = make_task(cfg.task, "test", cfg.n_test, seed, image_size=cfg.image_size)
+        return train, test
+    root = cfg.image_root or None
+    train = load_samples(cfg.train_file, image_root=root)
+    if cfg.test_file:
+        return train, load_samples(cfg.test_file, image_root=root)
+    if len(train) < 2:
+        raise DataError(f"{cfg.train_file}: {len(train)} row(s) — need at least 2 to hold one out as test "
+                        "(or set data.test_file)")
+    n_test = max(1, len(train) // 10)
+    return train[:-n_test], train[-n_test:]

@@ -1,0 +1,168 @@
+"""Teacher-forced passes over a rollout batch on the one shared base (DESIGN.md §2).
+
+Each pass streams over micro-batches and keeps only `[N, R]` vectors: the final hidden states of a
+micro-batch go through the lm_head chunk by chunk (`streaming.token_logprobs`), so `[tokens × vocab]`
+logits never exist. Which passes run is decided by the algorithm (`algorithms.AlgorithmSpec`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .corrupt import corrupt_images
+from .modeling import PolicyModel
+from .objectives import vgpo
+from .prompts import remove_perception_ids
+from .rollout import RolloutBatch, collate, encode_visual, pad_token_id
+from .streaming import token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassOutputs:
+    """Per-token vectors from the no-grad passes; absent passes stay None."""
+
+    old_logp: torch.Tensor  # [N, R]
+    ref_logp: torch.Tensor | None = None
+    corrupted_logp: torch.Tensor | None = None
+    removed_logp: torch.Tensor | None = None
+    focus: torch.Tensor | None = None  # VGPO visual focus rho [N, R], min-max over the whole batch
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def micro_batches(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def response_hidden(hidden: torch.Tensor, prompt_len: int, resp_len: int) -> torch.Tensor:
+    """Hidden states that predict the response tokens: positions prompt_len-1 … prompt_len+R-2."""
+    return hidden[:, prompt_len - 1: prompt_len - 1 + resp_len]
+
+
+def rows_logprobs(policy: PolicyModel, batch: RolloutBatch, rows: list[int], chunk: int, temperature: float,
+                  responses: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                  visual_override: list[dict] | None = None, keep_hidden: bool = False):
+    """Log-probs of `responses` (default: the sampled ones) for `rows`; grad follows the caller's mode."""
+    responses = batch.response_ids[rows] if responses is None else responses
+    mask = batch.response_mask[rows] if mask is None else mask
+    prompts = [batch.prompts[batch.prompt_of[i]] for i in rows]
+    inputs, prompt_len = collate(prompts, pad_token_id(policy), responses, mask, visual_override, policy.device)
+    hidden = policy.hidden_states(inputs)
+    h_resp = response_hidden(hidden, prompt_len, responses.shape[1])
+    weight, bias = policy.lm_head()
+    logp = token_logprobs(h_resp, weight, responses.to(policy.device), chunk=chunk, temperature=temperature,
+                          lm_head_bias=bias)
+    if keep_hidden:
+        return logp, hidden, inputs, prompt_len
+    return logp
+
+
+def _timed(seconds: dict[str, float], name: str):
+    @contextlib.contextmanager
+    def cm():
+        t0 = time.perf_counter()
+        yield
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    return cm()
+
+
+def corrupted_visuals(policy: PolicyModel, batch: RolloutBatch, kind: str, seed: int, per_response: bool,
+                      params: dict) -> list[dict[str, torch.Tensor]] | None:
+    """One corrupted copy of the images per response (or per prompt), same size; None if no images."""
+    if not any(p.sample.images for p in batch.prompts):
+        log.warning("corrupted-image pass skipped: the samples carry no image")
+        return None
+    cache: dict[int, dict] = {}
+    out = []
+    for i, p in enumerate(batch.prompt_of):
+        key = i if per_response else p
+        if key not in cache:
+            images = corrupt_images(batch.prompts[p].sample.images, kind=kind, seed=seed * 100_003 + key, **params)
+            cache[key] = encode_visual(policy, images)
+        out.append(cache[key])
+    return out
+
+
+@torch.no_grad()
+def run_passes(policy: PolicyModel, batch: RolloutBatch, *, micro_batch: int, chunk: int, temperature: float,
+               need_ref: bool, need_corrupted: bool, need_removed: bool, need_focus: bool,
+               roles: torch.Tensor | None, corruption: dict, seed: int) -> PassOutputs:
+    """Old, reference, corrupted-image and perception-removed log-probs for every response."""
+    n, r = batch.response_ids.shape
+    seconds: dict[str, float] = {}
+    old = torch.zeros(n, r)
+    ref = torch.zeros(n, r) if need_ref else None
+    focus_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with _timed(seconds, "old"), policy.policy():
+        for rows in micro_batches(n, micro_batch):
+            if need_focus:
+                logp, hidden, inputs, plen = rows_logprobs(policy, batch, rows, chunk, temperature, keep_hidden=True)
+                focus_parts.append(focus_inputs(policy, hidden, inputs, plen, batch.response_ids.shape[1]))
+            else:
+                logp = rows_logprobs(policy, batch, rows, chunk, temperature)
+            old[rows] = logp.float().cpu()
+    if need_ref:
+        with _timed(seconds, "reference"), policy.reference():
+            for rows in micro_batches(n, micro_batch):
+                ref[rows] = rows_logprobs(policy, batch, rows, chunk, temperature).float().cpu()
+    corrupted = None
+    if need_corrupted:
+        with _timed(seconds, "corrupted"), policy.policy():
+            visuals = corrupted_visuals(policy, batch, seed=seed, **corruption)
+            if visuals is not None:
+                corrupted = torch.zeros(n, r)
+                for rows in micro_batches(n, micro_batch):
+                    corrupted[rows] = rows_logprobs(policy, batch, rows, chunk, temperature,
+                                                    visual_override=[visuals[i] for i in rows]).float().cpu()
+    removed = None
+    if need_removed and roles is not None:
+        with _timed(seconds, "removed"), policy.policy():
+            removed = perception_removed_logprobs(policy, batch, roles, micro_batch, chunk, temperature)
+    focus = None
+    if need_focus:
+        resp_hidden = torch.cat([h for h, _ in focus_parts])
+        image_mean = torch.cat([m for _, m in focus_parts])
+        focus = vgpo.visual_focus(resp_hidden, image_mean, batch.response_mask.bool())
+    return PassOutputs(old_logp=old, ref_logp=ref, corrupted_logp=corrupted, removed_logp=removed, focus=focus,
+                       seconds=seconds)
+
+
+def perception_removed_logprobs(policy: PolicyModel, batch: RolloutBatch, roles: torch.Tensor, micro_batch: int,
+                                chunk: int, temperature: float) -> torch.Tensor:
+    """n_t: the same response with its perception content removed (tags kept), scattered back to [N, R]."""
+    n, r = batch.response_ids.shape
+    pad = pad_token_id(policy)
+    out = torch.zeros(n, r)
+    for rows in micro_batches(n, micro_batch):
+        kept_ids, kept_pos = [], []
+        for i in rows:
+            length = int(batch.response_mask[i].sum())
+            ids = batch.response_ids[i, :length].tolist()
+            ids_kept, index = remove_perception_ids(ids, roles[i, :length].tolist())
+            kept_ids.append(ids_kept)
+            kept_pos.append(index)
+        width = max(1, max(len(k) for k in kept_ids))
+        resp = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, ids in enumerate(kept_ids):
+            resp[j, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[j, :len(ids)] = 1
+        logp = rows_logprobs(policy, batch, rows, chunk, temperature, responses=resp, mask=mask).float().cpu()
+        for j, i in enumerate(rows):
+            pos = torch.tensor(kept_pos[j], dtype=torch.long)
+            out[i, pos] = logp[j, :len(pos)]
+    return out
+
+
+def focus_inputs(policy: PolicyModel, hidden: torch.Tensor, inputs: dict, prompt_len: int,
+                 resp_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VGPO's inputs: each response token's own hidden state and the mean image-token hidden state."""
+    image_mask = inputs["input_ids"] == policy.image_token_id()  # [n, L]
+    image_mean = vgpo.image_hidden_mean(hidden.float(), image_mask)  # [n, H]
+    resp = hidden[:, prompt_len: prompt_len + resp_len].float()  # [n, R, H]
+    return resp.cpu(), image_mean.cpu()

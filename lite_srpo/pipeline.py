@@ -1,0 +1,38 @@
+"""A whole run: optional SFT warm-up (once, saved atomically), then RL on top of it."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+from .config import RunConfig
+from .data import load_splits
+from .events import EventWriter
+from .sft import sft_warmup
+from .train import Run, train
+
+WARMUP_DIR = "warmup_model"
+
+
+def ensure_warmup(cfg: RunConfig) -> RunConfig:
+    """Run the SFT warm-up if the recipe asks for it and it is not on disk yet; RL then starts from it."""
+    if cfg.sft.steps <= 0:
+        return cfg
+    target = cfg.run_dir / WARMUP_DIR
+    if not (target / "config.json").is_file():
+        tmp = cfg.run_dir / f".tmp-{WARMUP_DIR}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_set, _ = load_splits(cfg.data, seed=cfg.train.seed)
+        sft_warmup(cfg, train_set, tmp, events=EventWriter(cfg.run_dir / "events.jsonl"))
+        os.replace(tmp, target)
+    return with_model_path(cfg, target)
+
+
+def with_model_path(cfg: RunConfig, path: str | Path) -> RunConfig:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)),
+                               sft=dataclasses.replace(cfg.sft, steps=0))
+
+
+def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> Run:
+    return train(ensure_warmup(cfg), resume=resume, quiet=quiet)
