@@ -303,8 +303,12 @@ def _check_ranges(cfg: RunConfig) -> list[str]:
     if cfg.algorithm.name == "srpo" and cfg.data.template != "structured":
         errs.append(f"data.template: {cfg.data.template!r} with algorithm.name 'srpo' — SRPO needs the 'structured' "
                     "template (<perception>…</perception><think>…</think>\\boxed{}) to find perception and reasoning tokens")
+    from .rewards import REWARD_FUNCTIONS
+
     for name, weight in cfg.reward.weights.items():
-        if not isinstance(weight, (int, float)):
+        if name not in REWARD_FUNCTIONS:
+            errs.append(f"reward.weights.{name}: unknown reward — valid names: {', '.join(REWARD_FUNCTIONS)}")
+        elif not isinstance(weight, (int, float)):
             errs.append(f"reward.weights.{name}: {weight!r} is not a number")
     if cfg.train.micro_batch_size > cfg.rollout.group_size * cfg.rollout.prompts_per_step:
         errs.append(f"train.micro_batch_size: {cfg.train.micro_batch_size} exceeds the responses per step "

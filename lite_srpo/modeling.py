@@ -64,6 +64,18 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
     return count
 
 
+def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Gradient checkpointing on/off (transformers 5.23 renamed it activation checkpointing; 5.17 has the old name)."""
+    if on:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+
+
 def lora_target_regex(family: str, target_modules: list[str], vision: bool) -> str:
     names = "|".join(sorted(set(target_modules)))
     pattern = rf"{LANGUAGE_MODEL_PATTERN[family]}\.({names})"
@@ -166,14 +178,14 @@ class PolicyModel:
     @contextlib.contextmanager
     def generation_mode(self) -> Iterator[None]:
         """Generate with the KV cache: gradient checkpointing would force use_cache=False in train mode."""
-        was = self.gradient_checkpointing and getattr(self.hf, "is_gradient_checkpointing", False)
+        was = self.gradient_checkpointing
         if was:
-            self.hf.gradient_checkpointing_disable()
+            set_checkpointing(self.hf, False)
         try:
             yield
         finally:
             if was:
-                self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                set_checkpointing(self.hf, True)
 
     def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final (normed) hidden states [N, L, H]; the lm_head is applied later, chunk by chunk."""
@@ -213,7 +225,7 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str 
     device = device or pick_device()
     base, processor, family = load_base(model_cfg, device)
     if model_cfg.gradient_checkpointing and trainable:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(base, True)
     model = attach_lora(base, family, lora_cfg, adapter_path or lora_cfg.init_from or None, trainable)
     for name, p in model.named_parameters():
         if "lora_" in name and trainable:

@@ -25,6 +25,11 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _valid_only(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Zero the padding before any maths, so junk there (inf/nan) reaches neither values nor grads."""
+    return torch.where(valid, x, torch.zeros_like(x))
+
+
 def perception_kl(logp: torch.Tensor, corrupted_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-token k3 of KL(π(·|I) ‖ π(·|I_mask)); 0 on padding.
 
@@ -32,14 +37,11 @@ def perception_kl(logp: torch.Tensor, corrupted_logp: torch.Tensor, mask: torch.
     ``a`` = ``corrupted_logp``. Gradient flows through ``logp`` (and through ``corrupted_logp`` only if
     the caller computed it with grad). Returns ``[N, T]``.
     """
-    diff = (_float(corrupted_logp) - _float(logp)).clamp(-20.0, 20.0)  # [N, T]
+    valid = mask.bool()
+    l_, a_ = _valid_only(_float(logp), valid), _valid_only(_float(corrupted_logp), valid)
+    diff = (a_ - l_).clamp(-20.0, 20.0)  # [N, T]
     k3 = (torch.exp(diff) - diff - 1.0).clamp(-10.0, 10.0)  # [N, T]
-    return torch.where(mask.bool(), k3, torch.zeros_like(k3))
-
-
-def _token_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ x over valid tokens; ``where`` keeps junk (inf/nan) at padding out of the sum and its grad."""
-    return torch.where(mask.bool(), x, torch.zeros_like(x)).sum()
+    return torch.where(valid, k3, torch.zeros_like(k3))
 
 
 def papo_loss_terms(logp: torch.Tensor, corrupted_logp: torch.Tensor, mask: torch.Tensor,
@@ -58,13 +60,14 @@ def papo_loss_terms(logp: torch.Tensor, corrupted_logp: torch.Tensor, mask: torc
     """
     l_ = _float(logp)
     a_ = _float(corrupted_logp)
-    kl = perception_kl(l_, a_, mask)  # [N, T]
-    n_local = mask.bool().sum().clamp(min=1)
+    valid = mask.bool()
+    kl = perception_kl(l_, a_, valid)  # [N, T]
+    n_local = valid.sum().clamp(min=1)
     denom = n_local if agg_denominator is None else agg_denominator
 
     kl_sum = kl.sum()  # padding already 0
-    h_ori_sum = _token_sum(-l_, mask)
-    h_aug_sum = _token_sum(-a_, mask)
+    h_ori_sum = -_valid_only(l_, valid).sum()
+    h_aug_sum = -_valid_only(a_, valid).sum()
     extra = (-gamma * kl_sum + eta_aug * h_aug_sum + eta_ori * h_ori_sum) / denom
 
     n = float(n_local)

@@ -91,15 +91,17 @@ def role_weights(perception_score: torch.Tensor, reasoning_score: torch.Tensor, 
         raise ValueError(f"lam must be in (0, 1) so weights stay positive; got {lam}")
     if not tau > 0.0:
         raise ValueError(f"tau must be > 0; got {tau}")
-    p_score, r_score = _float(perception_score), _float(reasoning_score)
-    dtype = torch.promote_types(p_score.dtype, r_score.dtype)
+    out_dtype = torch.promote_types(_float(perception_score).dtype, _float(reasoning_score).dtype)
+    # Statistics in float64: with float32 the rounding error of μ (~1e-7·|s|) is not small next to
+    # the 1e-6 in σ + 1e-6, and equal scores would get weights visibly different from 1.
+    dtype = torch.float64
     valid = mask.bool()  # [N, T]
     is_p = valid & (roles == PERCEPTION)  # [N, T]
     is_r = valid & (roles == REASONING)  # [N, T]
     is_role = is_p | is_r  # [N, T]
 
     u = torch.zeros(valid.shape, dtype=dtype, device=valid.device)  # [N, T]
-    for score, sel in ((p_score.to(dtype), is_p), (r_score.to(dtype), is_r)):
+    for score, sel in ((perception_score.to(dtype), is_p), (reasoning_score.to(dtype), is_r)):
         if sel.any():
             vals = score[sel]  # [n_r]
             mu, sigma = vals.mean(), vals.std(correction=0)
@@ -115,7 +117,7 @@ def role_weights(perception_score: torch.Tensor, reasoning_score: torch.Tensor, 
         row_mean = (w * valid).sum(dim=1, keepdim=True) / n_valid  # [N, 1]
         rescale = valid & (n_role > 0)  # rows without role tokens are left exactly 1
         w = torch.where(rescale, w / row_mean, w)
-    return w
+    return w.to(out_dtype)
 
 
 def token_advantages(adv: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,10 @@ the paper's equations:
 * token factors are clamped to [0.1, 2.0] and trajectory factors to [0.9, 2.0]. The upper bound 2.0
   can never bind in either: both are ``1 + (x - mean x)`` with ``x ∈ [0, 1]``, which stays below 2.
 
-The final advantage is ``Â_i · traj_factor_i · token_factor_{i,t}``. Everything here is vectorised
-(the official code loops per token with ``.item()``).
+The final advantage is ``Â_i · traj_factor_i · token_factor_{i,t}``. The code takes the hidden states
+from the update forward pass (current parameters, no gradient through the factors); these functions
+only need the hidden states, whichever pass they come from. Everything here is vectorised (the
+official code loops per token with ``.item()``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def visual_focus(hidden: torch.Tensor, image_hidden_mean: torch.Tensor, mask: to
 
     ``cos_t = cos(h_t, μ_v)`` with ``h_t`` the token's own final hidden state; padding positions count
     as cosine 0 and take part in the batch min/max (as in the code, so padding can move the scale);
-    ``ρ = (cos - min)/(max - min + 1e-8)``. The paper's Eq. 4 instead uses ``(cos + 1)/2``.
+    ``ρ = (cos - min)/(max - min + 1e-8)``. The paper's Eq. 4 instead uses ``(cos + 1)/2``. The code
+    normalises over its update micro-batch; here over whatever batch is passed in.
     Returns ``rho[N, T]``, 0 on padding.
     """
     valid = mask.bool()  # [N, T]

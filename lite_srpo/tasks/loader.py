@@ -8,10 +8,10 @@ field         meaning
 ``image``     a path (relative to ``image_root``, default: the data file's folder), a list of paths
               for multi-image rows, embedded bytes / ``{"bytes", "path"}`` dicts (Parquet, HF
               ``Image`` feature), or a ``data:image/...;base64,`` URI. Alias: ``images``.
-``question``  the question text, used verbatim (put lettered options in it for multiple choice).
-              Alias: ``problem``.
+``question``  the question text, used verbatim. Alias: ``problem``.
 ``answer``    the verifiable answer; str, int or float (converted to text; ``2.0`` -> ``"2"``).
-``choices``   optional list of option texts (answer is then usually a letter).
+``choices``   optional list of option texts; the prompt renders them as "A. text", so keep them out
+              of the question. The answer is then a letter (or one option's text).
 ``task``      optional task name (default: ``task_name`` argument, else the file's stem).
 ``meta``      optional dict (or JSON-object string) kept on ``Sample.meta``.
 ============  =====================================================================================
@@ -173,7 +173,12 @@ def write_jsonl(samples: list[Sample], path: str | Path, image_dir: str | Path |
                 row["choices"] = list(sample.choices)
             row["task"] = sample.task
             row["meta"] = sample.meta
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            try:
+                line = json.dumps(row, ensure_ascii=False)
+            except (TypeError, ValueError) as exc:
+                raise DataError(f"sample {i + 1} ({sample.source or 'no source'}): cannot be written as JSON "
+                                f"({exc}); meta must hold only JSON values") from None
+            fh.write(line + "\n")
     os.replace(tmp, path)
     return path
 

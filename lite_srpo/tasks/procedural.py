@@ -153,13 +153,13 @@ def _describe_bars(p: BarParams) -> tuple[str, str, list[str] | None, dict]:
     pick = max if p.kind == "tallest" else min
     winner = p.colours[p.heights.index(pick(p.heights))]
     letter = LETTERS[p.options.index(winner)]
-    options = " ".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(p.options))
     meta = {
         "heights": dict(zip(p.colours, p.heights)),
         "perception": ", ".join(f"{c} {h}" for c, h in zip(p.colours, p.heights)),
         "reasoning": f"{winner} is {p.kind}, so {letter}",
     }
-    return f"Which bar is {p.kind}? {options}", letter, list(p.options), meta
+    # The options live in `choices` only; prompts.build_user_text renders them as "A. red".
+    return f"Which bar is {p.kind}?", letter, list(p.options), meta
 
 
 # --- gauge -----------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def _sample_gauge(rng: random.Random) -> GaugeParams:
 def _render_gauge(p: GaugeParams, size: int) -> Image.Image:
     im, draw, s = _canvas(size)
     cx, cy = s / 2 + p.dx * s / 56, s / 2 + p.dy * s / 56
-    r = s * (0.40 + 0.02 * p.radius) - max(abs(p.dx), abs(p.dy)) * s / 56
+    r = s * (0.40 + 0.02 * p.radius)
     line = max(1, round(s * 0.025))
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=INK, width=line)
 

@@ -1,0 +1,1 @@
+"""Benchmarks for lite-srpo (see bench/README.md)."""

@@ -1,0 +1,332 @@
+"""Shared benchmark helpers: bench models, fresh-process measurements, peak memory, results and tables.
+
+Every figure a benchmark reports is measured in its own child process (`measure_in_subprocess`), because
+on CPU the only cheap peak-memory counter is the process high-water mark; the child resets it
+(`reset_peak`) after loading so a step's own peak is not hidden by the load.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+MODELS_DIR = ROOT / "tiny_models" / "bench"  # ignored by git (.gitignore: tiny_models/)
+REAL_VOCAB = 151_936  # Qwen2.5-VL-3B / Qwen2-VL-2B vocabulary size
+GIB = 2**30
+
+# The default bench model: Qwen2.5-VL architecture, two decoder layers, a real-size vocabulary.
+BENCH_DIMS = {"vocab": REAL_VOCAB, "hidden": 256, "intermediate": 1024, "layers": 2, "heads": 4, "kv_heads": 2}
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Qwen2/2.5-VL split of head_dim/2 rotary frequencies into (t, h, w): 64 -> [8, 12, 12]."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def build_bench_model(out_dir: str | Path | None = None, *, vocab: int = REAL_VOCAB, hidden: int = 256,
+                      intermediate: int = 1024, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                      max_pixels: int = 448 * 448, seed: int = 0) -> Path:
+    """A random Qwen2.5-VL with a few small layers but a real vocabulary, saved like a hub checkpoint.
+
+    The tokenizer and processor come from `lite_srpo.tiny` (vocabulary 1,024); sampled ids above that
+    decode to nothing, which is fine for memory and speed measurements. Cached: a directory built with
+    the same dimensions is reused.
+    """
+    dims = {"vocab": vocab, "hidden": hidden, "intermediate": intermediate, "layers": layers, "heads": heads,
+            "kv_heads": kv_heads, "max_pixels": max_pixels, "seed": seed}
+    if out_dir is None:
+        out_dir = MODELS_DIR / "qwen2_5_vl_v{vocab}_h{hidden}_l{layers}".format(**dims)
+    out = Path(out_dir)
+    marker = out / "bench_dims.json"
+    if marker.is_file() and json.loads(marker.read_text()) == dims and (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from lite_srpo.tiny import make_tiny
+
+    make_tiny("qwen2_5_vl", out, size="demo", seed=seed)  # tokenizer, processor, chat template
+    config = AutoConfig.from_pretrained(out)
+    text = config.text_config
+    text.vocab_size, text.hidden_size, text.intermediate_size = vocab, hidden, intermediate
+    text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads = layers, heads, kv_heads
+    text.layer_types = ["full_attention"] * layers
+    text.max_position_embeddings = 32_768
+    text.rope_parameters = dict(text.rope_parameters, mrope_section=_mrope_section(hidden // heads))
+    config.vision_config.out_hidden_size = hidden
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_pretrained(out)
+    model.save_pretrained(out)
+    _set_max_pixels(out, max_pixels)
+    marker.write_text(json.dumps(dims))
+    return out
+
+
+def _set_max_pixels(model_dir: Path, max_pixels: int) -> None:
+    """Let the processor keep images up to `max_pixels` (the tiny processor caps them at 112x112)."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        node = data.get("image_processor", data)
+        if "max_pixels" in node or "size" in node:
+            node["max_pixels"] = max_pixels
+            if isinstance(node.get("size"), dict) and "longest_edge" in node["size"]:
+                node["size"]["longest_edge"] = max_pixels
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def bench_recipe(model_path: str | Path, run_root: str | Path, **sections: dict) -> dict:
+    """A recipe dict for benchmark runs: 4-bit base, LoRA r=16 on all linears, count_shapes prompts.
+
+    `sections` are merged into the matching recipe sections (e.g. rollout={"group_size": 8}).
+    """
+    recipe: dict[str, Any] = {
+        "name": "bench",
+        "output_dir": str(run_root),
+        "model": {"path": str(model_path), "load_in_4bit": True, "dtype": "auto", "gradient_checkpointing": True},
+        "lora": {"r": 16, "alpha": 32},
+        "data": {"task": "count_shapes", "n_train": 8, "n_test": 1, "image_size": 56, "template": "structured"},
+        "rollout": {"group_size": 2, "prompts_per_step": 1, "max_new_tokens": 16, "temperature": 1.0},
+        "algorithm": {"name": "grpo", "beta": 0.0},
+        "optim": {"lr": 1e-5},
+        "train": {"steps": 1, "micro_batch_size": 2, "logprob_chunk": 256, "save_every": 0, "tokens_every": 0},
+        "sft": {"steps": 0},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------------
+# memory
+
+
+def rss_peak_gib() -> float:
+    """This process's resident-set high-water mark (VmHWM), GiB; resettable with `reset_peak`."""
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) / 2**20
+
+
+def rss_now_gib() -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 2**20
+
+
+def reset_peak() -> None:
+    """Start a new peak window: CUDA peak stats, or the kernel's RSS high-water mark (clear_refs 5)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_gib() -> dict[str, float]:
+    """Peak since the last `reset_peak`: allocated/reserved on CUDA, RSS on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+    return {"peak_rss_gib": rss_peak_gib()}
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+# --------------------------------------------------------------------------------------------------
+# fresh-process measurements
+
+
+def measure_in_subprocess(module: str, job: dict, timeout: float = 3600.0, env: dict | None = None) -> dict:
+    """Run `python -m <module> --worker '<job json>'` in a fresh process; it prints one JSON line last.
+
+    A failed child returns {"error": ...} with the tail of its stderr instead of raising, so one failed
+    configuration (e.g. out of memory) does not lose the rest of a sweep.
+    """
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(job)]
+    child_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                 "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "job": job}
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit {proc.returncode}: " + "\n".join(proc.stderr.strip().splitlines()[-8:]), "job": job}
+    out = json.loads(lines[-1])
+    out["wall_s"] = wall
+    return out
+
+
+def worker_main(argv: list[str], run_job: Callable[[dict], dict]) -> bool:
+    """If argv is `--worker JSON`, run the job, print its JSON result and return True."""
+    if len(argv) >= 2 and argv[0] == "--worker":
+        import logging
+
+        logging.disable(logging.WARNING)
+        result = run_job(json.loads(argv[1]))
+        print(json.dumps(result), flush=True)
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# machine facts, JSON results, tables
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem_gib = round(mem_kib / 2**20, 1)
+    except (OSError, AttributeError):
+        pass
+    info = {"device": device_name(), "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_gib": mem_gib, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "bitsandbytes", "trl"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is recorded, not fatal
+            info[name] = None
+    return info
+
+
+def write_result(name: str, payload: dict, results_dir: str | Path | None = None) -> Path:
+    """bench/results/<name>.json with the machine, the time and the exact command line."""
+    out_dir = Path(results_dir) if results_dir else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = {"benchmark": name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python " + " ".join([_rel(sys.argv[0])] + sys.argv[1:]), "machine": machine_info(), **payload}
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _rel(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
+def fmt_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return "" if value is None else str(value)
+
+
+def table(rows: Iterable[dict], columns: list[str]) -> str:
+    """A Markdown table of `columns` from `rows` (missing cells blank)."""
+    rows = list(rows)
+    cells = [[fmt_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# one lite-srpo RL step, measured (runs inside a worker process)
+
+
+def step_recipe(job: dict, run_root: str | Path) -> dict:
+    """The recipe of a measured step from a job dict (model, algo, G, R, B, micro_batch, chunk, ...)."""
+    return bench_recipe(
+        job["model"], run_root,
+        model={"load_in_4bit": job.get("load_in_4bit", True), "dtype": job.get("dtype", "auto"),
+               "gradient_checkpointing": job.get("gradient_checkpointing", True)},
+        lora={"r": job.get("lora_r", 16), "alpha": 2 * job.get("lora_r", 16)},
+        data={"image_size": job.get("image_size", 56)},
+        rollout={"group_size": job["G"], "max_new_tokens": job["R"], "prompts_per_step": job.get("B", 1)},
+        algorithm={"name": job.get("algo", "grpo"), "beta": job.get("beta", 0.0), "dynamic_sampling": False},
+        train={"micro_batch_size": job.get("micro_batch", 2), "logprob_chunk": job.get("chunk", 256)},
+    )
+
+
+def set_threads(job: dict) -> None:
+    import torch
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+
+
+def lite_step_job(job: dict) -> dict:
+    """Set up a run, then time and measure `job['steps']` RL steps (peak reset after setup)."""
+    import gc
+    import tempfile
+
+    set_threads(job)
+    from lite_srpo import train as T
+    from lite_srpo.config import config_from_dict
+
+    with tempfile.TemporaryDirectory(prefix="lite-srpo-bench-") as tmp:
+        cfg = config_from_dict(step_recipe(job, tmp))
+        t0 = time.perf_counter()
+        run = T.setup(cfg)
+        run.policy.hf.generation_config.min_new_tokens = cfg.rollout.max_new_tokens  # every response full length
+        setup_s = time.perf_counter() - t0
+        gc.collect()
+        prompt_len = max(p.length for p in T.encode_prompts(run, T.prompts_for_step(
+            run.train_set, 1, cfg.rollout.prompts_per_step, cfg.train.seed)))
+        out = {"job": job, "setup_s": setup_s, "prompt_tokens": prompt_len, "peak_setup": peak_gib()}
+        if not _cuda():
+            out["rss_after_setup_gib"] = rss_now_gib()
+        steps = []
+        for step in range(1, job.get("steps", 1) + 1):
+            reset_peak()
+            metrics = T.rl_step(run, step)
+            steps.append({**{k: v for k, v in metrics.items() if k.startswith(("time/", "perf/", "completion/"))},
+                          **peak_gib()})
+        out["steps"] = steps
+        out["peak_step"] = {k: max(s[k] for s in steps) for k in peak_gib()}
+        return out
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,167 @@
+"""GRPO and its variants (DAPO, Dr. GRPO): group advantages, the clipped policy loss, the k3 KL.
+
+Formulas follow EasyR1's `core_algos.py` (research/algorithms.md §1.1), which PAPO, VPPO and VGPO all
+build on; the variants differ only in knobs (§1.2):
+
+| variant  | advantage scale | loss aggregation | clip (low, high) |
+|----------|-----------------|------------------|------------------|
+| GRPO     | "group"         | "seq"            | 0.2, 0.2         |
+| DAPO     | "group"         | "token"          | 0.2, 0.28 + dynamic sampling |
+| Dr. GRPO | "none"          | "dr_grpo"        | 0.2, 0.2         |
+
+Shapes: `N` responses, `T` padded response length, `mask[N, T]` valid tokens, groups of `group_size`
+consecutive rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_SCALES = ("group", "batch", "none")
+_AGGS = ("token", "seq", "dr_grpo")
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Rewards as `[B, G]`, after checking that the batch splits into whole groups of at least 2."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N]; got shape {tuple(rewards.shape)}")
+    n = rewards.shape[0]
+    if group_size < 2 or n % group_size != 0:
+        raise ValueError(f"N={n} rewards must split into groups of group_size={group_size} "
+                         "(group_size >= 2 and N divisible by group_size)")
+    return rewards.float().view(n // group_size, group_size)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """Sequence advantages `adv[N]` from each response's reward relative to its group.
+
+    "group": (r - mean_g) / (std_g + eps)   GRPO / EasyR1 (std unbiased, as torch.std)
+    "batch": (r - mean_g) / (std_all + eps) TRL's scale_rewards="batch" (one unbiased std over all N)
+    "none":  r - mean_g                     Dr. GRPO (no std division, which up-weights easy/hard groups)
+    A group with equal rewards gets 0 advantage (0 / eps), never NaN.
+    """
+    if scale not in _SCALES:
+        raise ValueError(f"scale must be one of {_SCALES}; got {scale!r}")
+    r = _groups(rewards, group_size)  # [B, G]
+    centred = r - r.mean(dim=1, keepdim=True)  # [B, G]
+    if scale == "group":
+        centred = centred / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (r.std() + eps)
+    return centred.reshape(-1)  # [N]
+
+
+def dynamic_sampling_keep(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """DAPO dynamic sampling: `keep[B]` is False for groups whose rewards are all equal (max - min <= eps);
+    such groups have zero advantage and carry no policy-gradient signal."""
+    r = _groups(rewards, group_size)  # [B, G]
+    return (r.max(dim=1).values - r.min(dim=1).values) > eps
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` weighted by `mask` (over everything, or along `dim`); 0 where the mask is empty.
+    Values under a zero mask are ignored even if they are inf/NaN (padding can hold anything)."""
+    x = x if x.is_floating_point() else x.float()
+    m = mask.to(x.dtype)
+    xm = x * m
+    xm = torch.where(m != 0, xm, torch.zeros_like(xm))
+    if dim is None:
+        return xm.sum() / m.sum().clamp(min=1e-8)
+    return xm.sum(dim=dim) / m.sum(dim=dim).clamp(min=1e-8)
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int | None = None,
+              denominator: float | None = None) -> torch.Tensor:
+    """Reduce per-token `values[N, T]` to a scalar loss, as the policy loss does (shared by extra terms).
+
+    "token":   Σ values·mask / Σ mask                     DAPO global token mean
+    "seq":     mean over sequences of Σ_t values·mask / Σ_t mask   GRPO paper (empty sequences count as 0)
+    "dr_grpo": Σ values·mask / (N · max_len)             Dr. GRPO, max_len defaults to T
+
+    `denominator`, when given, replaces the divisor: for "token" and "dr_grpo" the masked sum is divided
+    by it, for "seq" the sum of per-sequence means is. The trainer passes the whole mini-batch's token
+    count ("token"), `rows · max_len` ("dr_grpo") so micro-batch losses of gradient accumulation add up
+    to one global mean instead of a mean of means.
+    """
+    if agg not in _AGGS:
+        raise ValueError(f"agg must be one of {_AGGS}; got {agg!r}")
+    if values.shape != mask.shape or values.dim() != 2:
+        raise ValueError(f"values and mask must both be [N, T]; got {tuple(values.shape)} and {tuple(mask.shape)}")
+    m = mask.to(values.dtype)
+    masked = torch.where(m != 0, values * m, torch.zeros_like(values))  # [N, T]
+    if agg == "seq":
+        per_seq = masked.sum(dim=1) / m.sum(dim=1).clamp(min=1)  # [N]
+        return per_seq.sum() / (per_seq.shape[0] if denominator is None else denominator)
+    if denominator is not None:
+        return masked.sum() / denominator
+    if agg == "token":
+        return masked.sum() / m.sum().clamp(min=1)
+    return masked.sum() / (values.shape[0] * (values.shape[1] if max_len is None else max_len))
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = None, agg: str = "token",
+                max_len: int | None = None, token_mask: torch.Tensor | None = None,
+                denominator: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate with optional dual clip, EasyR1 style; returns `(loss, metrics)`.
+
+    logr = clamp(logp - old_logp, ±20); ρ = exp(logr); ρ_clip = exp(clamp(logr, log(1-clip_low), log(1+clip_high)))
+    L = max(-Â·ρ, -Â·ρ_clip); where Â < 0 and dual_clip = c: L = min(L, -Â·c)
+    `adv` is `[N]` (one per sequence) or `[N, T]` (per token, e.g. SRPO/VGPO weights). `token_mask`
+    (VPPO) zeroes L on unselected tokens while the denominator stays all valid tokens of `mask`.
+    See `aggregate` for `agg`, `max_len` and `denominator`.
+
+    metrics (python floats over valid tokens): clip/frac_low (ρ < 1-clip_low and the clip bites, Â < 0),
+    clip/frac_high (ρ > 1+clip_high, Â > 0), clip/frac (either), ratio/mean, loss/pg (detached), and
+    dual_clip/frac (Â < 0 and max(-Â·ρ, -Â·ρ_clip) > -Â·c, i.e. the dual clip bites) when dual_clip is set.
+    """
+    if logp.shape != old_logp.shape or logp.shape != mask.shape or logp.dim() != 2:
+        raise ValueError(f"logp, old_logp and mask must all be [N, T]; got {tuple(logp.shape)}, "
+                         f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
+    if adv.dim() == 1 and adv.shape[0] == logp.shape[0]:
+        adv = adv.unsqueeze(1)  # [N, 1]
+    elif adv.shape != logp.shape:
+        raise ValueError(f"adv must be [N] or [N, T] = {tuple(logp.shape)}; got {tuple(adv.shape)}")
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0; got {clip_low}, {clip_high}")
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1 (EasyR1 uses 3.0); got {dual_clip}")
+    adv = adv.to(logp.dtype)
+    logr = (logp - old_logp.to(logp.dtype)).clamp(-20.0, 20.0)  # [N, T]
+    ratio = torch.exp(logr)  # [N, T]
+    ratio_clip = torch.exp(logr.clamp(math.log(1.0 - clip_low), math.log(1.0 + clip_high)))  # [N, T]
+    loss_unclipped = -adv * ratio  # [N, T]
+    loss_clipped = -adv * ratio_clip  # [N, T]
+    per_token = torch.maximum(loss_unclipped, loss_clipped)  # [N, T]
+    clipped = loss_clipped > loss_unclipped  # [N, T] the clip is what sets L
+    dual_bites = None
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        dual_bites = (adv < 0) & (per_token > cap)  # [N, T]
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    if token_mask is not None:
+        per_token = per_token * token_mask.to(per_token.dtype)
+    loss = aggregate(per_token, mask, agg, max_len=max_len, denominator=denominator)
+
+    with torch.no_grad():
+        valid = mask.to(logp.dtype)
+        low = clipped & (logr < math.log(1.0 - clip_low))
+        high = clipped & (logr > math.log(1.0 + clip_high))
+        metrics = {
+            "clip/frac_low": float(masked_mean(low.to(logp.dtype), valid)),
+            "clip/frac_high": float(masked_mean(high.to(logp.dtype), valid)),
+            "clip/frac": float(masked_mean(clipped.to(logp.dtype), valid)),
+            "ratio/mean": float(masked_mean(ratio, valid)),
+            "loss/pg": float(loss.detach()),
+        }
+        if dual_bites is not None:
+            metrics["dual_clip/frac"] = float(masked_mean(dual_bites.to(logp.dtype), valid))
+    return loss, metrics
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(π_θ ‖ π_ref) per token, clamped as EasyR1's low_var_kl:
+    kl = clamp(ref - logp, ±20); k3 = clamp(exp(kl) - kl - 1, ±10). Returns `[N, T]`."""
+    kl = (ref_logp.to(logp.dtype) - logp).clamp(-20.0, 20.0)
+    return (torch.exp(kl) - kl - 1.0).clamp(-10.0, 10.0)

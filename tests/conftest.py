@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models are built once per session, offline, with the project's own builder."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    from lite_srpo.tiny import make_tiny
+
+    return make_tiny("qwen2_5_vl", tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", size="test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    """Build (and cache) a tiny model of any arch."""
+    from lite_srpo.tiny import make_tiny
+
+    cache: dict[tuple[str, str], object] = {}
+
+    def make(arch: str, size: str = "test"):
+        key = (arch, size)
+        if key not in cache:
+            cache[key] = make_tiny(arch, tmp_path_factory.mktemp(f"tiny_{arch}_{size}") / arch, size=size, seed=0)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def length_reward(monkeypatch):
+    """A reward that varies on a random tiny model (accuracy is ~always 0 there), so updates are non-zero.
+    Registered the way a user adds a reward: a plain function in the registry."""
+    from lite_srpo import rewards
+
+    monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "test_length", lambda response, sample, fmt: len(response) / 50.0)
+
+
+def tiny_recipe(model_path, run_root, **overrides) -> dict:
+    """A minimal CPU recipe dict for end-to-end tests."""
+    recipe = {
+        "name": "t",
+        "output_dir": str(run_root),
+        "model": {"path": str(model_path), "load_in_4bit": True, "dtype": "float32", "gradient_checkpointing": True},
+        "lora": {"r": 8, "alpha": 16},
+        "data": {"task": "count_shapes", "n_train": 16, "n_test": 4, "image_size": 56, "template": "structured"},
+        "rollout": {"group_size": 2, "prompts_per_step": 2, "max_new_tokens": 12},
+        "algorithm": {"name": "grpo"},
+        "reward": {"weights": {"accuracy": 0.9, "format": 0.1, "test_length": 1.0}},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": 3, "micro_batch_size": 2, "save_every": 2, "logprob_chunk": 16},
+        "sft": {"steps": 0},
+    }
+    for dotted, value in overrides.items():
+        node = recipe
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return recipe

@@ -1,0 +1,184 @@
+"""Event stream → what the Monitor tab shows: status, step / total with ETA, curve data, log tail.
+
+`EventTail` follows `events.jsonl` incrementally (a resume rewrites the file, which resets the tail);
+everything else is a pure function of the event list so it is tested without a browser.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+
+import pandas as pd
+
+from lite_srpo.events import iter_events
+
+ACTIVE = ("started", "running", "resumed")
+
+# Plot title -> (series label, metric key or key suffix). A suffix (leading '*') matches any prefix,
+# so every algorithm that reports a mean weight per role is plotted the same way.
+PLOTS: dict[str, list[tuple[str, str]]] = {
+    "Reward, accuracy, format rate": [("reward", "reward/mean"), ("accuracy", "accuracy"), ("format rate", "format_rate")],
+    "Loss": [("loss", "loss/total")],
+    "KL to reference (k3)": [("kl", "kl/k3")],
+    "Mean token weight per role": [("perception", "*/weight_perception"), ("reasoning", "*/weight_reasoning"),
+                                   ("other", "*/weight_other")],
+    "Peak memory (GB)": [("peak memory", "mem/peak_gb")],
+    "Throughput (tokens/s)": [("generation", "perf/gen_tokens_per_s"), ("update", "perf/update_tokens_per_s")],
+    "SFT warm-up loss": [("SFT loss", "sft:loss")],
+}
+
+
+class EventTail:
+    """All events of one file so far, read incrementally; thread-safe (Gradio runs handlers in threads)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.events: list[dict] = []
+        self._offset = 0
+        self._inode: int | None = None
+        self._lock = threading.Lock()
+
+    def refresh(self) -> list[dict]:
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                self.events, self._offset, self._inode = [], 0, None
+                return self.events
+            if st.st_ino != self._inode or st.st_size < self._offset:  # rewritten (resume truncation) or replaced
+                self.events, self._offset, self._inode = [], 0, st.st_ino
+            if st.st_size > self._offset:
+                new, self._offset = iter_events(self.path, self._offset)
+                self.events = self.events + list(new)
+            return self.events
+
+
+_tails: dict[str, EventTail] = {}
+_tails_lock = threading.Lock()
+
+
+def events_of(run_dir: str | Path) -> list[dict]:
+    """The run's events, from a tail shared by every browser session."""
+    key = str(Path(run_dir).resolve())
+    with _tails_lock:
+        tail = _tails.setdefault(key, EventTail(Path(key) / "events.jsonl"))
+    return tail.refresh()
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def run_state(events: list[dict]) -> dict:
+    """Status, step, totals and ETA from the events alone (process liveness is added by the caller)."""
+    state = {"status": "created", "message": "", "step": 0, "total_steps": None, "eta_s": None,
+             "phase": "rl", "sft_step": 0, "sft_total": None, "last_metrics": {}, "algorithm": None, "model": None,
+             "status_time": None, "sft_time": None}
+    anchor: dict | None = None  # the status event the current stretch of steps started from
+    last_metrics: dict | None = None
+    for e in events:
+        kind = e.get("type")
+        if kind == "status":
+            state["status"] = e.get("status", state["status"])
+            state["message"] = e.get("message") or ""
+            state["status_time"] = e.get("time")
+            if e.get("total_steps") is not None:
+                state["total_steps"] = e["total_steps"]
+            cfg = e.get("config") or {}
+            state["algorithm"] = (cfg.get("algorithm") or {}).get("name", state["algorithm"])
+            state["model"] = (cfg.get("model") or {}).get("path", state["model"])
+            if e.get("status") in ACTIVE:
+                anchor = e
+                state["phase"] = "rl"
+        elif kind == "metrics" and e.get("step") is not None:
+            last_metrics = e
+            state["step"] = e["step"]
+        elif kind == "sft":
+            state["phase"] = "sft" if state["status"] not in ("running", "resumed") else state["phase"]
+            state["sft_step"], state["sft_total"] = e.get("step") or 0, e.get("total_steps")
+            state["sft_time"] = e.get("time")
+    if last_metrics is not None:
+        state["last_metrics"] = {k: v for k, v in last_metrics.items() if k not in ("type", "time", "step")}
+    state["eta_s"] = eta_seconds(anchor, last_metrics, state["total_steps"]) if state["status"] in ACTIVE else None
+    return state
+
+
+def eta_seconds(anchor: dict | None, last: dict | None, total: int | None) -> float | None:
+    """Mean seconds per step since the (re)start × steps left; None before the first step.
+
+    Example: started at step 2 at t=100, step 5 done at t=130 → 10 s/step; total 10 → ETA 50 s.
+    """
+    if anchor is None or last is None or total is None:
+        return None
+    s0, s1 = anchor.get("step") or 0, last.get("step") or 0
+    t0, t1 = anchor.get("time"), last.get("time")
+    if s1 <= s0 or t0 is None or t1 is None or t1 < t0:
+        return None
+    return (t1 - t0) / (s1 - s0) * max(0, total - s1)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _series_values(events: list[dict], key: str) -> list[tuple[int, float]]:
+    if key.startswith("sft:"):
+        field = key[4:]
+        return [(e["step"], v) for e in events if e.get("type") == "sft" and e.get("step") is not None
+                for v in [_num(e.get(field))] if v is not None]
+    out = []
+    for e in events:
+        if e.get("type") != "metrics" or e.get("step") is None:
+            continue
+        if key.startswith("*/"):
+            vals = [_num(v) for k, v in e.items() if k.endswith(key[1:])]
+            vals = [v for v in vals if v is not None]
+            v = vals[0] if vals else None
+        else:
+            v = _num(e.get(key))
+        if v is not None:
+            out.append((e["step"], v))
+    return out
+
+
+def curve_frame(events: list[dict], series: list[tuple[str, str]]) -> pd.DataFrame:
+    """Long format for gr.LinePlot: one row per (step, series) with a finite value."""
+    rows = [(step, value, label) for label, key in series for step, value in _series_values(events, key)]
+    return pd.DataFrame(rows, columns=["step", "value", "series"]).astype({"step": "int64", "value": "float64"})
+
+
+def compare_frame(runs: list[tuple[str, list[dict]]], key: str) -> pd.DataFrame:
+    """One metric of several runs on one plot: series = run label."""
+    rows = [(step, value, label) for label, events in runs for step, value in _series_values(events, key)]
+    return pd.DataFrame(rows, columns=["step", "value", "series"]).astype({"step": "int64", "value": "float64"})
+
+
+def metric_keys(events: list[dict]) -> list[str]:
+    """Every numeric metric key seen, in first-seen order (for the comparison selector)."""
+    keys: dict[str, None] = {}
+    for e in events:
+        if e.get("type") == "metrics":
+            for k, v in e.items():
+                if k not in ("type", "step", "time") and _num(v) is not None:
+                    keys.setdefault(k, None)
+    return list(keys)
+
+
+def log_tail(path: str | Path, max_chars: int = 6000) -> str:
+    """The end of a log; carriage-return progress bars keep only their last state per line."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - max_chars * 2))
+        text = f.read().decode("utf-8", errors="replace")
+    lines = [line.rstrip("\r").split("\r")[-1] for line in text.split("\n")]
+    return "\n".join(lines)[-max_chars:]

@@ -1,0 +1,82 @@
+"""Monitor tab: status with step / total and ETA, Stop / Resume, crash error, live curves, log tail.
+
+A 2 s timer polls the selected run; outputs that did not change are skipped so plots do not flicker.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from . import control
+from .monitor import PLOTS, curve_frame, events_of, log_tail
+from .process import LOG_FILE
+from .runs import summarize
+from .views import status_html
+
+
+def plot_id(title: str) -> str:
+    """'Reward, accuracy, format rate' -> 'plot-reward'; 'SFT warm-up loss' -> 'plot-sft'."""
+    return "plot-" + title.split()[0].strip(",").lower()
+
+
+def build(ctx, run_select: gr.Dropdown, timer: gr.Timer) -> None:
+    seen = gr.State({})
+    status = gr.HTML(status_html(None), elem_id="run-status")
+    with gr.Row():
+        stop_btn = gr.Button("Stop (finish step, checkpoint)", elem_id="stop-btn", interactive=False)
+        stop_now_btn = gr.Button("Stop now", elem_id="stop-now-btn", variant="stop", interactive=False, size="sm")
+        resume_btn = gr.Button("Resume from last checkpoint", elem_id="resume-btn", interactive=False)
+    action_msg = gr.Markdown(elem_id="action-msg")
+    error_box = gr.Textbox(label="Error", lines=8, max_lines=20, visible=False, elem_id="run-error",
+                           interactive=False)
+    plots = []
+    titles = list(PLOTS)
+    for start in range(0, len(titles), 2):
+        with gr.Row():
+            for title in titles[start:start + 2]:
+                plots.append(gr.LinePlot(x="step", y="value", color="series", title=title, height=230,
+                                         x_title="step", y_title="", x_axis_format="d", y_axis_format=".3~g",
+                                         elem_id=plot_id(title)))
+    log_box = gr.Textbox(label="Training log (tail)", lines=12, max_lines=12, interactive=False, autoscroll=True,
+                         elem_id="log-tail")
+    outputs = [status, stop_btn, stop_now_btn, resume_btn, error_box, *plots, log_box, seen]
+
+    def tick(run_path: str | None, last: dict) -> list:
+        if not run_path or not Path(run_path).is_dir():
+            return [status_html(None), *[gr.skip()] * (len(outputs) - 2), {}]
+        s = summarize(run_path)
+        events = events_of(run_path)
+        log_path = Path(run_path) / LOG_FILE
+        state = {"run": run_path, "n": len(events), "log": log_path.stat().st_size if log_path.exists() else 0,
+                 "buttons": (s.alive, s.status == "stopping", s.resumable), "error": s.error}
+        same_run = last.get("run") == run_path
+        buttons = ([gr.skip()] * 3 if same_run and last.get("buttons") == list(state["buttons"]) else
+                   [gr.update(interactive=s.alive and s.status != "stopping"), gr.update(interactive=s.alive),
+                    gr.update(interactive=s.resumable)])
+        error = (gr.skip() if same_run and last.get("error") == s.error else
+                 gr.update(value=s.error, visible=bool(s.error)))
+        curves = ([gr.skip()] * len(plots) if same_run and last.get("n") == state["n"] else
+                  [curve_frame(events, series) for series in PLOTS.values()])
+        log = gr.skip() if same_run and last.get("log") == state["log"] else log_tail(log_path)
+        state["buttons"] = list(state["buttons"])
+        return [status_html(s), *buttons, error, *curves, log, state]
+
+    timer.tick(tick, [run_select, seen], outputs, show_progress="hidden", concurrency_limit=4)
+    run_select.change(tick, [run_select, gr.State({})], outputs, show_progress="hidden")
+
+    def do_stop(run_path: str | None) -> str:
+        return control.stop(run_path).message if run_path else "select a run first"
+
+    def do_stop_now(run_path: str | None) -> str:
+        return control.stop(run_path, now=True).message if run_path else "select a run first"
+
+    def do_resume(run_path: str | None) -> str:
+        if not run_path:
+            return "select a run first"
+        outcome = control.resume(run_path, ctx.roots)
+        return ("✅ " if outcome.ok else "**") + outcome.message + ("" if outcome.ok else "**")
+
+    stop_btn.click(do_stop, run_select, action_msg)
+    stop_now_btn.click(do_stop_now, run_select, action_msg)
+    resume_btn.click(do_resume, run_select, action_msg, concurrency_limit=1)
