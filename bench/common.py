@@ -51,7 +51,7 @@ def build_bench_model(out_dir: str | Path | None = None, *, vocab: int = REAL_VO
     dims = {"vocab": vocab, "hidden": hidden, "intermediate": intermediate, "layers": layers, "heads": heads,
             "kv_heads": kv_heads, "max_pixels": max_pixels, "seed": seed}
     if out_dir is None:
-        out_dir = MODELS_DIR / "qwen2_5_vl_v{vocab}_h{hidden}_l{layers}".format(**dims)
+        out_dir = MODELS_DIR / "qwen2_5_vl_v{vocab}_h{hidden}_i{intermediate}_l{layers}_a{heads}_kv{kv_heads}".format(**dims)
     out = Path(out_dir)
     marker = out / "bench_dims.json"
     if marker.is_file() and json.loads(marker.read_text()) == dims and (out / "model.safetensors").is_file():
@@ -282,7 +282,8 @@ def step_recipe(job: dict, run_root: str | Path) -> dict:
         lora={"r": job.get("lora_r", 16), "alpha": 2 * job.get("lora_r", 16)},
         data={"image_size": job.get("image_size", 56)},
         rollout={"group_size": job["G"], "max_new_tokens": job["R"], "prompts_per_step": job.get("B", 1)},
-        algorithm={"name": job.get("algo", "grpo"), "beta": job.get("beta", 0.0), "dynamic_sampling": False},
+        algorithm={"name": job.get("algo", "grpo"), "beta": job.get("beta", 0.0), "dynamic_sampling": False,
+                   **job.get("algorithm", {})},
         train={"micro_batch_size": job.get("micro_batch", 2), "logprob_chunk": job.get("chunk", 256)},
     )
 

@@ -21,9 +21,10 @@ import re
 import resource
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image, ImageDraw
@@ -226,10 +227,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def _release(model: torch.nn.Module) -> Callable[[], None]:
+    """Free `model` once the caller drops it; a full gc (slow with transformers loaded) only if a cycle keeps it."""
+    ref = weakref.ref(model)
+
+    def release() -> None:
+        if ref() is not None:
+            gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return release
 
 
 # --- the export ----------------------------------------------------------------------------------------
@@ -351,8 +358,9 @@ def _reference_logits(plan: ExportPlan) -> tuple[torch.Tensor, torch.Tensor]:
     policy.model.eval()  # dropout off; the CPU 4-bit repack is already disabled by load_policy
     inputs = probe_inputs(policy.processor, plan.fmt)
     logits = probe_logits(policy.model, inputs)
+    release = _release(policy.model)
     del policy
-    _free()
+    release()
     return logits, inputs["attention_mask"]
 
 
@@ -378,8 +386,9 @@ def _adapter_logits(plan: ExportPlan, tmp: Path) -> torch.Tensor:
     policy.model.eval()
     processor = processor_class(model_family(policy.config)).from_pretrained(str(tmp))
     logits = probe_logits(policy.model, probe_inputs(processor, plan.fmt))
+    release = _release(policy.model)
     del policy
-    _free()
+    release()
     return logits
 
 
@@ -405,8 +414,9 @@ def _write_merged(plan: ExportPlan, tmp: Path) -> None:
     merged.config.dtype = plan.dtype
     merged.save_pretrained(str(tmp), max_shard_size=plan.max_shard_size, safe_serialization=True)
     processor.save_pretrained(str(tmp))
+    release = _release(merged)
     del merged
-    _free()
+    release()
 
 
 def _load_exported(path: Path, plan: ExportPlan) -> torch.nn.Module:
@@ -434,8 +444,9 @@ def _merged_logits(path: Path, plan: ExportPlan) -> torch.Tensor:
     if any("lora_" in n for n, _ in model.named_parameters()):
         raise ExportError(f"{path}: the saved model still has LoRA parameters")
     logits = probe_logits(model, probe_inputs(load_processor(path), plan.fmt))
+    release = _release(model)
     del model
-    _free()
+    release()
     return logits
 
 
@@ -447,8 +458,9 @@ def _write_quantized(plan: ExportPlan, tmp: Path, reference: torch.Tensor, mask:
     model, processor, _ = load_base(dataclasses.replace(plan.model_cfg, path=str(tmp), load_in_4bit=True), plan.device)
     model.save_pretrained(str(target), max_shard_size=plan.max_shard_size, safe_serialization=True)
     processor.save_pretrained(str(target))
+    release = _release(model)
     del model
-    _free()
+    release()
     cmp = _merged_logits(target, plan)
     result = compare_logits(reference, cmp, mask)
     result["path"] = QUANTIZED_SUBDIR

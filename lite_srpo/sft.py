@@ -83,9 +83,9 @@ def sft_warmup(cfg: RunConfig, train_set: list[Sample], out_dir: str | Path, eve
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if events is not None:
-            events.write("sft", step, loss=float(loss), total_steps=sft.steps)
+            events.write("sft", step, loss=float(loss.detach()), total_steps=sft.steps)
         if step % max(1, sft.steps // 10) == 0 or step == sft.steps:
-            log.info("sft step %d/%d loss %.4f (%.0fs)", step, sft.steps, float(loss), time.perf_counter() - t0)
+            log.info("sft step %d/%d loss %.4f (%.0fs)", step, sft.steps, float(loss.detach()), time.perf_counter() - t0)
     out_dir.mkdir(parents=True, exist_ok=True)
     base.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)

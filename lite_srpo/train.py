@@ -175,14 +175,13 @@ def batch_roles(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, int]:
     return roles, violations
 
 
-def loss_normaliser(agg: str, rows: list[int], mini_rows: list[int], mask: torch.Tensor,
-                    max_len: int) -> tuple[float | None, float]:
-    """(denominator, scale) so that micro-batch losses add up to the mini-batch's aggregate."""
-    if agg == "token":
-        return float(mask[mini_rows].sum().clamp(min=1)), 1.0
-    if agg == "dr_grpo":
-        return float(len(mini_rows) * max_len), 1.0
-    return None, len(rows) / len(mini_rows)  # "seq": per-sequence means, averaged over the mini-batch
+def loss_denominator(agg: str, mini_rows: list[int], mask: torch.Tensor, max_len: int) -> float:
+    """Divisor that makes the micro-batch losses add up to the whole mini-batch's aggregate."""
+    if agg == "token":  # DAPO: global token mean over the mini-batch
+        return float(mask[mini_rows].sum().clamp(min=1))
+    if agg == "dr_grpo":  # sum / (N * max_len)
+        return float(len(mini_rows) * max_len)
+    return float(len(mini_rows))  # "seq": per-sequence means, averaged over the mini-batch
 
 
 def policy_update(run: Run, batch: RolloutBatch, shaping: Shaping, x: ShapeInputs) -> dict[str, float]:
@@ -200,8 +199,10 @@ def policy_update(run: Run, batch: RolloutBatch, shaping: Shaping, x: ShapeInput
             continue
         run.optimizer.zero_grad(set_to_none=True)
         finite = True
+        mini_loss = 0.0
+        denom = loss_denominator(algo.agg, mini_rows, mask, cfg.rollout.max_new_tokens)
+        tokens = float(mask[mini_rows].sum().clamp(min=1))
         for rows in [mini_rows[i:i + run.micro_batch] for i in range(0, len(mini_rows), run.micro_batch)]:
-            denom, scale = loss_normaliser(algo.agg, rows, mini_rows, mask, cfg.rollout.max_new_tokens)
             with policy.policy():
                 logp = rows_logprobs(policy, batch, rows, cfg.train.logprob_chunk, cfg.rollout.temperature)
             dev = logp.device
@@ -217,15 +218,14 @@ def policy_update(run: Run, batch: RolloutBatch, shaping: Shaping, x: ShapeInput
                 loss = loss + algo.beta * kl_loss
                 metrics["kl/k3"] = float(grpo.masked_mean(kl.detach(), m))
             if run.spec.extra_loss is not None:
-                extra, extra_metrics = run.spec.extra_loss(logp, rows, x, denom or float(m.sum().clamp(min=1)))
+                extra, extra_metrics = run.spec.extra_loss(logp, rows, x, tokens)
                 loss = loss + extra
                 metrics.update(extra_metrics)
-            loss = loss * scale
             if not torch.isfinite(loss):
                 finite = False
                 break
             loss.backward()
-            metrics["loss/total"] = float(loss.detach()) / scale
+            mini_loss += float(loss.detach())
             for k, v in metrics.items():
                 stats.setdefault(k, []).append(float(v))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
@@ -234,6 +234,7 @@ def policy_update(run: Run, batch: RolloutBatch, shaping: Shaping, x: ShapeInput
             skipped += 1
             continue
         run.optimizer.step()
+        stats.setdefault("loss/total", []).append(mini_loss)  # micro-batch losses add up to the mini-batch's
         stats.setdefault("grad/norm", []).append(float(grad_norm))
     run.scheduler.step()
     out = {k: float(np.mean(v)) for k, v in stats.items()}

@@ -220,12 +220,11 @@ def streamed(T):
     targets = torch.randint(0, V, (1, T), generator=g)
     return lambda: token_logprobs(hidden, weight, targets, chunk=CHUNK).sum().backward()
 
-def full(T):  # control: the full-logits path the streaming avoids (forward only, no grad)
+def full(T):  # control: the [T, V] logits the streaming never builds (no grad, no softmax)
     hidden = torch.randn(T, H, generator=g)
-    targets = torch.randint(0, V, (T, 1), generator=g)
     def run():
         with torch.no_grad():
-            torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets)
+            (hidden @ weight.T).max()
     return run
 
 streamed(8)()  # warm-up: one-off allocations (thread pools, kernels) are not per-token memory
@@ -242,8 +241,8 @@ def test_peak_memory_is_bounded_by_chunk_not_length():
     short, long, control = (int(v) for v in out.stdout.split()[-3:])
     gib = 1024 ** 3
     full_logits = 2048 * 151_936 * 4  # 1.16 GiB of fp32 logits for T = 2048
-    # the measurement sees a materialised [T, V]: the control holds logits and log-softmax at once
-    assert control > full_logits, f"control only measured {control / gib:.2f} GiB"
+    # the measurement sees a materialised [T, V]
+    assert control > 0.95 * full_logits, f"control only measured {control / gib:.2f} GiB"
     # one 128-row chunk is 78 MB of fp32 logits; forward + backward keep a few of them at a time
     assert long < 0.5 * gib, f"streamed T=2048 fwd+bwd used {long / gib:.2f} GiB extra"
     assert long - short < 0.15 * gib, f"peak grew with T: {short / gib:.2f} -> {long / gib:.2f} GiB"

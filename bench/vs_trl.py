@@ -1,0 +1,207 @@
+"""lite-srpo vs TRL's GRPOTrainer on the same model, data, G, lengths and LoRA: peak memory and step time.
+
+Both sides: the bench model (Qwen2.5-VL architecture, two layers, V = 151,936) loaded in 4-bit NF4
+with double quant, LoRA r=16 / alpha 32 / dropout 0 on the seven language-model linears, gradient
+checkpointing, count_shapes prompts (one 56x56 image), G responses of exactly R tokens
+(min_new_tokens = R), one prompt per step, micro-batch = G (one backward over the group), beta = 0,
+token-level DAPO loss (TRL's default `loss_type="dapo"`; lite-srpo `agg: token`), clip 0.2/0.2, lr 1e-5.
+TRL keeps its other defaults. Runs alternate (ours, TRL, ours, ...) and each is a fresh process.
+
+    python -m bench.vs_trl                    # R=2048, G=2 (CPU: about 15 minutes)
+    python -m bench.vs_trl --quick            # tiny smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from bench.common import (build_bench_model, lite_step_job, measure_in_subprocess, peak_gib, reset_peak, set_threads,
+                          table, worker_main, write_result)
+
+TARGET_MEMORY_RATIO = 0.5
+TARGET_TIME_RATIO = 1.0
+MATCHED_ALGORITHM = {"agg": "token", "adv_scale": "group", "clip_low": 0.2, "clip_high": 0.2}
+
+
+def trl_step_job(job: dict) -> dict:
+    """One (or more) GRPOTrainer optimizer steps with the same settings; peak reset at each step begin."""
+    import tempfile
+
+    set_threads(job)
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lite_srpo.modeling import VISION_PREFIXES, disable_cpu_4bit_repacking, lora_target_regex
+    from lite_srpo.processors import load_processor, model_family
+    from lite_srpo.prompts import ResponseFormat, build_messages
+    from lite_srpo.rewards import compute_rewards
+    from lite_srpo.tasks import make_task
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g, r, m = job["G"], job["R"], job.get("micro_batch", job["G"])
+    fmt = ResponseFormat()
+    samples = make_task("count_shapes", "train", 8, 0, image_size=job.get("image_size", 56))
+    data = Dataset.from_list([{"prompt": build_messages(s, "structured", fmt), "image": s.images[0], "index": i}
+                              for i, s in enumerate(samples)])
+
+    def reward(completions, index, **_):
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        values, _ = compute_rewards(texts, [samples[i] for i in index], {"accuracy": 0.9, "format": 0.1}, fmt)
+        return values
+
+    processor = load_processor(job["model"])
+    model = AutoModelForImageTextToText.from_pretrained(
+        job["model"], dtype=dtype, device_map={"": 0} if cuda else {"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+                                               llm_int8_skip_modules=VISION_PREFIXES["qwen2_5_vl"] + ["lm_head"]))
+    if not cuda:
+        disable_cpu_4bit_repacking(model)  # bitsandbytes CPU bug (platform.md §3), same fix as lite-srpo
+    family = model_family(model.config)
+    lora = LoraConfig(r=job.get("lora_r", 16), lora_alpha=2 * job.get("lora_r", 16), lora_dropout=0.0, bias="none",
+                      target_modules=lora_target_regex(family, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"], False))
+    steps: list[dict] = []
+
+    class Measure(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            reset_peak()
+            self.t0 = time.perf_counter()
+            gen_time[0] = 0.0
+
+        def on_step_end(self, args, state, control, **kw):
+            steps.append({"time/step": time.perf_counter() - self.t0, "time/generation": gen_time[0], **peak_gib()})
+
+    gen_time = [0.0]
+    with tempfile.TemporaryDirectory(prefix="lite-srpo-trl-") as tmp:
+        args = GRPOConfig(
+            output_dir=tmp, use_cpu=not cuda, bf16=cuda, per_device_train_batch_size=m,
+            gradient_accumulation_steps=g // m, num_generations=g, max_completion_length=r,
+            generation_kwargs={"min_new_tokens": r}, beta=0.0, loss_type="dapo", epsilon=0.2, temperature=1.0,
+            learning_rate=1e-5, max_steps=job.get("steps", 1), logging_steps=1, report_to="none",
+            save_strategy="no", gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+            seed=0, dataloader_num_workers=0)
+        t0 = time.perf_counter()
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                              processing_class=processor, peft_config=lora, callbacks=[Measure()])
+        generate = trainer.model.generate
+
+        def timed_generate(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return generate(*a, **kw)
+            finally:
+                gen_time[0] += time.perf_counter() - t
+
+        trainer.model.generate = timed_generate
+        setup_s = time.perf_counter() - t0
+        trainer.train()
+    adapter_dtypes = sorted({str(p.dtype) for n, p in trainer.model.named_parameters() if p.requires_grad})
+    return {"job": job, "setup_s": setup_s, "steps": steps,
+            "peak_step": {k: max(s[k] for s in steps) for k in peak_gib()}, "adapter_dtypes": adapter_dtypes}
+
+
+def run_job(job: dict) -> dict:
+    return trl_step_job(job) if job["system"] == "trl" else lite_step_job(job)
+
+
+def row_of(res: dict) -> dict:
+    job = res["job"]
+    key = "peak_allocated_gib" if "peak_allocated_gib" in res["peak_step"] else "peak_rss_gib"
+    last = res["steps"][-1]
+    name = "TRL GRPOTrainer" if job["system"] == "trl" else f"lite-srpo (chunk {job['chunk']})"
+    return {"system": name, "repeat": job["repeat"], "G": job["G"], "R": job["R"], "peak_gib": res["peak_step"][key],
+            "step_s": last["time/step"], "generation_s": last.get("time/generation"),
+            "update_s": last.get("time/update"), "passes_s": last.get("time/passes"), "job": job}
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per lite-srpo variant: mean peak and step time over repeats, divided by TRL's."""
+    trl = [r for r in rows if r["system"].startswith("TRL")]
+    if not trl:
+        return []
+    t_peak = sum(r["peak_gib"] for r in trl) / len(trl)
+    t_time = sum(r["step_s"] for r in trl) / len(trl)
+    out = []
+    for name in sorted({r["system"] for r in rows} - {trl[0]["system"]}):
+        mine = [r for r in rows if r["system"] == name]
+        peak = sum(r["peak_gib"] for r in mine) / len(mine)
+        step = sum(r["step_s"] for r in mine) / len(mine)
+        out.append({"system": name, "peak_gib": peak, "trl_peak_gib": t_peak, "memory_ratio": peak / t_peak,
+                    "memory_target_met": peak / t_peak <= TARGET_MEMORY_RATIO, "step_s": step, "trl_step_s": t_time,
+                    "time_ratio": step / t_time, "time_target_met": step / t_time <= TARGET_TIME_RATIO})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if worker_main(argv, run_job):
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m bench.vs_trl", description=__doc__.splitlines()[0])
+    ap.add_argument("--group-size", type=int, default=2)
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--chunks", type=int, nargs="+", default=[1024, 256], help="lite-srpo train.logprob_chunk values")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="vs_trl")
+    ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    dims = {"vocab": 4096, "hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "kv_heads": 1} if a.quick else {}
+    if a.quick:
+        a.length, a.chunks = 8, [16]
+    model = str(build_bench_model(**dims))
+    base = {"model": model, "G": a.group_size, "R": a.length, "B": 1, "micro_batch": a.group_size,
+            "threads": a.threads, "algo": "grpo", "beta": 0.0, "algorithm": MATCHED_ALGORITHM}
+    rows, errors = [], []
+    for repeat in range(a.repeats):
+        systems = []
+        for i, chunk in enumerate(a.chunks):
+            systems.append({**base, "system": "lite", "chunk": chunk, "repeat": repeat})
+            if i == 0:
+                systems.append({**base, "system": "trl", "chunk": None, "repeat": repeat})
+        for job in systems:
+            res = measure_in_subprocess("bench.vs_trl", job)
+            if "error" in res:
+                errors.append(res)
+                print(f"  {job['system']}: FAILED {res['error'][-400:]}", file=sys.stderr)
+                continue
+            rows.append(row_of(res))
+            if job["system"] == "trl":
+                rows[-1]["trl_adapter_dtypes"] = res.get("adapter_dtypes")
+            print(f"  {rows[-1]['system']} #{repeat}: peak {rows[-1]['peak_gib']:.3f} GiB, "
+                  f"step {rows[-1]['step_s']:.1f} s", flush=True)
+    print(table(rows, ["system", "repeat", "G", "R", "peak_gib", "step_s", "generation_s", "passes_s", "update_s"]))
+    summary = ratios(rows)
+    if summary:
+        print()
+        print(table(summary, ["system", "peak_gib", "trl_peak_gib", "memory_ratio", "memory_target_met", "step_s",
+                              "trl_step_s", "time_ratio", "time_target_met"]))
+    path = write_result(a.name, {
+        "settings": {**{k: v for k, v in base.items() if k != "model"}, "model": model, "lora": "r16 alpha32 dropout0",
+                     "load_in_4bit": True, "gradient_checkpointing": True, "prompts_per_step": 1,
+                     "targets": {"memory_ratio_max": TARGET_MEMORY_RATIO, "time_ratio_max": TARGET_TIME_RATIO}},
+        "rows": rows, "summary": summary, "errors": errors,
+        "notes": [
+            "peak: the step's own peak (reset at the step's start, after loading); CPU = process RSS (VmHWM)",
+            "TRL 1.16 computes log-probs with a fused, chunked lm_head (trl/kernels/chunked_logprob.py, tiles of "
+            "4096 tokens x 32768 vocab entries): it no longer materialises [tokens x vocab] logits, unlike the "
+            "TRL 1.10 snapshot studied in research/anchors.md §2",
+            "TRL casts the LoRA weights of a quantized model to bf16 (its QLoRA choice); lite-srpo keeps them fp32",
+            "with beta=0 and one iteration TRL reuses the update's own log-probs as the old ones; lite-srpo runs a "
+            "separate no-grad old-log-prob pass (needed for mini_batches > 1 and by the SRPO/PAPO/VPPO scores)",
+            "TRL scores every position of prompt + response on CPU (no Triton: its non-compact path); lite-srpo "
+            "scores only response positions",
+        ],
+    }, a.results_dir)
+    print(f"wrote {path}")
+    return 1 if errors and not rows else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
