@@ -6,6 +6,7 @@ on CPU the only cheap peak-memory counter is the process high-water mark; the ch
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -23,8 +24,6 @@ MODELS_DIR = ROOT / "tiny_models" / "bench"  # ignored by git (.gitignore: tiny_
 REAL_VOCAB = 151_936  # Qwen2.5-VL-3B / Qwen2-VL-2B vocabulary size
 GIB = 2**30
 
-# The default bench model: Qwen2.5-VL architecture, two decoder layers, a real-size vocabulary.
-BENCH_DIMS = {"vocab": REAL_VOCAB, "hidden": 256, "intermediate": 1024, "layers": 2, "heads": 4, "kv_heads": 2}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,40 +47,61 @@ def build_bench_model(out_dir: str | Path | None = None, *, vocab: int = REAL_VO
     decode to nothing, which is fine for memory and speed measurements. Cached: a directory built with
     the same dimensions is reused.
     """
-    dims = {"vocab": vocab, "hidden": hidden, "intermediate": intermediate, "layers": layers, "heads": heads,
-            "kv_heads": kv_heads, "max_pixels": max_pixels, "seed": seed}
     if out_dir is None:
-        out_dir = MODELS_DIR / "qwen2_5_vl_v{vocab}_h{hidden}_i{intermediate}_l{layers}_a{heads}_kv{kv_heads}".format(**dims)
-    out = Path(out_dir)
-    marker = out / "bench_dims.json"
-    if marker.is_file() and json.loads(marker.read_text()) == dims and (out / "model.safetensors").is_file():
-        return out
+        out_dir = MODELS_DIR / f"qwen2_5_vl_v{vocab}_h{hidden}_i{intermediate}_l{layers}_a{heads}_kv{kv_heads}"
+    text = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 32_768}
+    return build_model(out_dir, text, max_pixels=max_pixels, seed=seed)
+
+
+def build_model(out_dir: str | Path, text: dict, vision: dict | None = None, *, tie: bool = False,
+                max_pixels: int = 448 * 448, min_pixels: int = 56 * 56, seed: int = 0, dtype: str = "float32",
+                device: str = "cpu") -> Path:
+    """A random Qwen2.5-VL with the given text (and optionally vision) config, the tiny tokenizer/processor.
+
+    `text`/`vision` hold HF config keys (e.g. the published Qwen2.5-VL-7B values); unset keys keep the
+    tiny model's. Weights are initialised on `device` in `dtype` and saved as safetensors. Cached by a
+    marker file holding every argument.
+    """
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     from lite_srpo.tiny import make_tiny
 
+    spec = {"text": text, "vision": vision, "tie": tie, "max_pixels": max_pixels, "min_pixels": min_pixels,
+            "seed": seed, "dtype": dtype}
+    out = Path(out_dir)
+    marker = out / "bench_spec.json"
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return out
     make_tiny("qwen2_5_vl", out, size="demo", seed=seed)  # tokenizer, processor, chat template
     config = AutoConfig.from_pretrained(out)
-    text = config.text_config
-    text.vocab_size, text.hidden_size, text.intermediate_size = vocab, hidden, intermediate
-    text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads = layers, heads, kv_heads
-    text.layer_types = ["full_attention"] * layers
-    text.max_position_embeddings = 32_768
-    text.rope_parameters = dict(text.rope_parameters, mrope_section=_mrope_section(hidden // heads))
-    config.vision_config.out_hidden_size = hidden
+    tc = config.text_config
+    for key, value in text.items():
+        setattr(tc, key, value)
+    tc.layer_types = ["full_attention"] * tc.num_hidden_layers
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    tc.rope_parameters = dict(tc.rope_parameters, mrope_section=_mrope_section(head_dim))
+    for key, value in (vision or {}).items():
+        setattr(config.vision_config, key, value)
+    config.vision_config.out_hidden_size = tc.hidden_size
+    config.tie_word_embeddings = tie
+    tc.tie_word_embeddings = tie
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    from transformers import GenerationConfig
-
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
     model.generation_config = GenerationConfig.from_pretrained(out)
+    for stale in out.glob("model*.safetensors*"):
+        stale.unlink()
     model.save_pretrained(out)
-    _set_max_pixels(out, max_pixels)
-    marker.write_text(json.dumps(dims))
+    del model
+    _set_pixels(out, max_pixels, min_pixels)
+    marker.write_text(json.dumps(spec))
     return out
 
 
-def _set_max_pixels(model_dir: Path, max_pixels: int) -> None:
+def _set_pixels(model_dir: Path, max_pixels: int, min_pixels: int) -> None:
     """Let the processor keep images up to `max_pixels` (the tiny processor caps them at 112x112)."""
     for name in ("preprocessor_config.json", "processor_config.json"):
         path = model_dir / name
@@ -90,9 +110,9 @@ def _set_max_pixels(model_dir: Path, max_pixels: int) -> None:
         data = json.loads(path.read_text())
         node = data.get("image_processor", data)
         if "max_pixels" in node or "size" in node:
-            node["max_pixels"] = max_pixels
+            node["max_pixels"], node["min_pixels"] = max_pixels, min_pixels
             if isinstance(node.get("size"), dict) and "longest_edge" in node["size"]:
-                node["size"]["longest_edge"] = max_pixels
+                node["size"]["longest_edge"], node["size"]["shortest_edge"] = max_pixels, min_pixels
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -154,6 +174,15 @@ def peak_gib() -> dict[str, float]:
         return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
     return {"peak_rss_gib": rss_peak_gib()}
+
+
+def current_gib() -> float:
+    """Memory in use now: allocated on CUDA, resident set on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / GIB
+    return rss_now_gib()
 
 
 def device_name() -> str:
@@ -273,6 +302,51 @@ def table(rows: Iterable[dict], columns: list[str]) -> str:
 # one lite-srpo RL step, measured (runs inside a worker process)
 
 
+def apply_cap(job: dict) -> None:
+    """Cap this process's CUDA memory at job['cap_gib'] (a 24 GB card on a bigger one); no-op on CPU."""
+    import torch
+
+    if job.get("cap_gib") and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, job["cap_gib"] * GIB / total))
+
+
+def prompt_length(processor, sample, template: str = "structured") -> int:
+    """Tokens of a sample's chat-templated prompt, image tokens included (as lite-srpo encodes it)."""
+    from lite_srpo.prompts import ResponseFormat, build_messages
+
+    messages = build_messages(sample, template, ResponseFormat(template=template))
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return int(processor(text=[text], images=[sample.images], return_tensors="pt")["input_ids"].shape[1])
+
+
+def bench_samples(processor, n: int, image_size: int, prompt_tokens: int | None = None, seed: int = 0) -> list:
+    """count_shapes samples; with `prompt_tokens`, each question is padded with filler text to that length."""
+    import dataclasses
+
+    from lite_srpo.tasks import make_task
+
+    samples = make_task("count_shapes", "train", n, seed, image_size=image_size)
+    if not prompt_tokens:
+        return samples
+    filler = "Look at every part of the picture carefully before you answer. "
+
+    def padded(s, k: int, words: int = 0):
+        return dataclasses.replace(s, question=filler * k + "look " * words + s.question)
+
+    out = []
+    for s in samples:
+        lo, hi = 0, prompt_tokens  # largest number of filler sentences that stays within the target
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if prompt_length(processor, padded(s, mid)) <= prompt_tokens else (lo, mid)
+        words = 0
+        while prompt_length(processor, padded(s, lo, words + 1)) <= prompt_tokens:
+            words += 1
+        out.append(padded(s, lo, words))
+    return out
+
+
 def step_recipe(job: dict, run_root: str | Path) -> dict:
     """The recipe of a measured step from a job dict (model, algo, G, R, B, micro_batch, chunk, ...)."""
     return bench_recipe(
@@ -280,7 +354,7 @@ def step_recipe(job: dict, run_root: str | Path) -> dict:
         model={"load_in_4bit": job.get("load_in_4bit", True), "dtype": job.get("dtype", "auto"),
                "gradient_checkpointing": job.get("gradient_checkpointing", True)},
         lora={"r": job.get("lora_r", 16), "alpha": 2 * job.get("lora_r", 16)},
-        data={"image_size": job.get("image_size", 56)},
+        data={"image_size": job.get("image_size", 56), "max_prompt_length": max(1024, job.get("prompt_tokens") or 0)},
         rollout={"group_size": job["G"], "max_new_tokens": job["R"], "prompts_per_step": job.get("B", 1)},
         algorithm={"name": job.get("algo", "grpo"), "beta": job.get("beta", 0.0), "dynamic_sampling": False,
                    **job.get("algorithm", {})},
@@ -304,11 +378,14 @@ def lite_step_job(job: dict) -> dict:
     from lite_srpo import train as T
     from lite_srpo.config import config_from_dict
 
+    apply_cap(job)
     with tempfile.TemporaryDirectory(prefix="lite-srpo-bench-") as tmp:
         cfg = config_from_dict(step_recipe(job, tmp))
         t0 = time.perf_counter()
         run = T.setup(cfg)
         run.policy.hf.generation_config.min_new_tokens = cfg.rollout.max_new_tokens  # every response full length
+        if job.get("prompt_tokens"):
+            run.train_set = bench_samples(run.policy.processor, 4, cfg.data.image_size, job["prompt_tokens"])
         setup_s = time.perf_counter() - t0
         gc.collect()
         prompt_len = max(p.length for p in T.encode_prompts(run, T.prompts_for_step(
@@ -318,13 +395,45 @@ def lite_step_job(job: dict) -> dict:
             out["rss_after_setup_gib"] = rss_now_gib()
         steps = []
         for step in range(1, job.get("steps", 1) + 1):
-            reset_peak()
-            metrics = T.rl_step(run, step)
+            gc.collect()
+            start = current_gib()
+            phases: dict[str, float] = {}
+            with phase_peaks(T, phases):
+                metrics = T.rl_step(run, step)
             steps.append({**{k: v for k, v in metrics.items() if k.startswith(("time/", "perf/", "completion/"))},
-                          **peak_gib()})
+                          **{k: max(p[k] for p in phases.values()) for k in peak_gib()}, "start_gib": start,
+                          "phase_peaks": phases})
         out["steps"] = steps
         out["peak_step"] = {k: max(s[k] for s in steps) for k in peak_gib()}
         return out
+
+
+@contextlib.contextmanager
+def phase_peaks(train_module, into: dict):
+    """Record the peak of each phase of `rl_step` (generation, passes, update) separately.
+
+    Wraps the three functions `rl_step` calls by name in `lite_srpo.train`; the high-water mark is
+    reset before each, so `into[phase]` is that phase's own peak (memory held from earlier included).
+    """
+    names = {"generate": "generation", "run_passes": "passes", "policy_update": "update"}
+    originals = {n: getattr(train_module, n) for n in names}
+
+    def wrap(fn, phase):
+        def inner(*args, **kwargs):
+            reset_peak()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                into[phase] = peak_gib()
+        return inner
+
+    for n, phase in names.items():
+        setattr(train_module, n, wrap(originals[n], phase))
+    try:
+        yield into
+    finally:
+        for n, fn in originals.items():
+            setattr(train_module, n, fn)
 
 
 def _cuda() -> bool:

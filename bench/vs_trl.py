@@ -16,8 +16,8 @@ import argparse
 import sys
 import time
 
-from bench.common import (build_bench_model, lite_step_job, measure_in_subprocess, peak_gib, reset_peak, set_threads,
-                          table, worker_main, write_result)
+from bench.common import (apply_cap, bench_samples, build_bench_model, current_gib, lite_step_job, measure_in_subprocess,
+                          peak_gib, reset_peak, set_threads, table, worker_main, write_result)
 
 TARGET_MEMORY_RATIO = 0.5
 TARGET_TIME_RATIO = 1.0
@@ -29,6 +29,7 @@ def trl_step_job(job: dict) -> dict:
     import tempfile
 
     set_threads(job)
+    apply_cap(job)
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -39,13 +40,13 @@ def trl_step_job(job: dict) -> dict:
     from lite_srpo.processors import load_processor, model_family
     from lite_srpo.prompts import ResponseFormat, build_messages
     from lite_srpo.rewards import compute_rewards
-    from lite_srpo.tasks import make_task
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     g, r, m = job["G"], job["R"], job.get("micro_batch", job["G"])
     fmt = ResponseFormat()
-    samples = make_task("count_shapes", "train", 8, 0, image_size=job.get("image_size", 56))
+    processor = load_processor(job["model"])
+    samples = bench_samples(processor, 8, job.get("image_size", 56), job.get("prompt_tokens"))
     data = Dataset.from_list([{"prompt": build_messages(s, "structured", fmt), "image": s.images[0], "index": i}
                               for i, s in enumerate(samples)])
 
@@ -54,7 +55,6 @@ def trl_step_job(job: dict) -> dict:
         values, _ = compute_rewards(texts, [samples[i] for i in index], {"accuracy": 0.9, "format": 0.1}, fmt)
         return values
 
-    processor = load_processor(job["model"])
     model = AutoModelForImageTextToText.from_pretrained(
         job["model"], dtype=dtype, device_map={"": 0} if cuda else {"": "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -70,12 +70,14 @@ def trl_step_job(job: dict) -> dict:
 
     class Measure(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            self.start = current_gib()
             reset_peak()
             self.t0 = time.perf_counter()
             gen_time[0] = 0.0
 
         def on_step_end(self, args, state, control, **kw):
-            steps.append({"time/step": time.perf_counter() - self.t0, "time/generation": gen_time[0], **peak_gib()})
+            steps.append({"time/step": time.perf_counter() - self.t0, "time/generation": gen_time[0], **peak_gib(),
+                          "start_gib": self.start})
 
     gen_time = [0.0]
     with tempfile.TemporaryDirectory(prefix="lite-srpo-trl-") as tmp:
@@ -116,6 +118,7 @@ def row_of(res: dict) -> dict:
     last = res["steps"][-1]
     name = "TRL GRPOTrainer" if job["system"] == "trl" else f"lite-srpo (chunk {job['chunk']})"
     return {"system": name, "repeat": job["repeat"], "G": job["G"], "R": job["R"], "peak_gib": res["peak_step"][key],
+            "start_gib": last["start_gib"], "step_increase_gib": last[key] - last["start_gib"],
             "step_s": last["time/step"], "generation_s": last.get("time/generation"),
             "update_s": last.get("time/update"), "passes_s": last.get("time/passes"), "job": job}
 
@@ -127,12 +130,15 @@ def ratios(rows: list[dict]) -> list[dict]:
         return []
     t_peak = sum(r["peak_gib"] for r in trl) / len(trl)
     t_time = sum(r["step_s"] for r in trl) / len(trl)
+    t_inc = sum(r["step_increase_gib"] for r in trl) / len(trl)
     out = []
     for name in sorted({r["system"] for r in rows} - {trl[0]["system"]}):
         mine = [r for r in rows if r["system"] == name]
         peak = sum(r["peak_gib"] for r in mine) / len(mine)
         step = sum(r["step_s"] for r in mine) / len(mine)
+        inc = sum(r["step_increase_gib"] for r in mine) / len(mine)
         out.append({"system": name, "peak_gib": peak, "trl_peak_gib": t_peak, "memory_ratio": peak / t_peak,
+                    "step_increase_gib": inc, "trl_step_increase_gib": t_inc, "increase_ratio": inc / t_inc,
                     "memory_target_met": peak / t_peak <= TARGET_MEMORY_RATIO, "step_s": step, "trl_step_s": t_time,
                     "time_ratio": step / t_time, "time_target_met": step / t_time <= TARGET_TIME_RATIO})
     return out
@@ -176,19 +182,23 @@ def main(argv: list[str] | None = None) -> int:
                 rows[-1]["trl_adapter_dtypes"] = res.get("adapter_dtypes")
             print(f"  {rows[-1]['system']} #{repeat}: peak {rows[-1]['peak_gib']:.3f} GiB, "
                   f"step {rows[-1]['step_s']:.1f} s", flush=True)
-    print(table(rows, ["system", "repeat", "G", "R", "peak_gib", "step_s", "generation_s", "passes_s", "update_s"]))
+    print(table(rows, ["system", "repeat", "G", "R", "start_gib", "peak_gib", "step_increase_gib", "step_s",
+                       "generation_s", "passes_s", "update_s"]))
     summary = ratios(rows)
     if summary:
         print()
-        print(table(summary, ["system", "peak_gib", "trl_peak_gib", "memory_ratio", "memory_target_met", "step_s",
-                              "trl_step_s", "time_ratio", "time_target_met"]))
+        print(table(summary, ["system", "peak_gib", "trl_peak_gib", "memory_ratio", "memory_target_met",
+                              "step_increase_gib", "trl_step_increase_gib", "increase_ratio", "step_s", "trl_step_s",
+                              "time_ratio", "time_target_met"]))
     path = write_result(a.name, {
         "settings": {**{k: v for k, v in base.items() if k != "model"}, "model": model, "lora": "r16 alpha32 dropout0",
                      "load_in_4bit": True, "gradient_checkpointing": True, "prompts_per_step": 1,
                      "targets": {"memory_ratio_max": TARGET_MEMORY_RATIO, "time_ratio_max": TARGET_TIME_RATIO}},
         "rows": rows, "summary": summary, "errors": errors,
         "notes": [
-            "peak: the step's own peak (reset at the step's start, after loading); CPU = process RSS (VmHWM)",
+            "peak: the step's own peak (reset at the step's start, after loading); CPU = process RSS (VmHWM); "
+            "start_gib: memory in use when the step starts (model, optimizer, imports: TRL's process also imports "
+            "trl and datasets); step_increase_gib = peak - start",
             "TRL 1.16 computes log-probs with a fused, chunked lm_head (trl/kernels/chunked_logprob.py, tiles of "
             "4096 tokens x 32768 vocab entries): it no longer materialises [tokens x vocab] logits, unlike the "
             "TRL 1.10 snapshot studied in research/anchors.md §2",

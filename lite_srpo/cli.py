@@ -68,6 +68,61 @@ def _make_tiny():
     return add, run
 
 
+@command("compare", "train GRPO, DAPO, SRPO, PAPO, VPPO, VGPO from one warm-up checkpoint and tabulate")
+def _compare():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides on the demo recipe (all arms)")
+        p.add_argument("--recipe", default=None)
+        p.add_argument("--arms", default="grpo,dapo,srpo,papo,vppo,vgpo", help="comma-separated algorithms")
+        p.add_argument("--out", default="runs/compare")
+
+    def run(a: argparse.Namespace) -> int:
+        from .compare import run_compare
+
+        run_compare(a.recipe, a.overrides, tuple(a.arms.split(",")), a.out)
+        return 0
+    return add, run
+
+
+def _delegate(module: str, function: str):
+    """Commands whose parser lives with their logic (export, eval, plan) get the raw argv."""
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("args", nargs=argparse.REMAINDER)
+
+    def run(a: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(a.args)
+    return add, run
+
+
+command("export", "export a run/checkpoint: --mode adapter|merged --out DIR (see lite-srpo export -h)")(
+    lambda: _delegate("lite_srpo.export", "export_main"))
+command("eval", "evaluate a model/run/checkpoint under a named protocol (see lite-srpo eval -h)")(
+    lambda: _delegate("lite_srpo.eval_cli", "eval_main"))
+command("plan", "predict a recipe's peak memory on a GPU before launch (see lite-srpo plan -h)")(
+    lambda: _delegate("lite_srpo.memory", "plan_main"))
+
+
+@command("ui", "start the Gradio UI on 127.0.0.1")
+def _ui():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=7860)
+        p.add_argument("--share", action="store_true", help="public Gradio link (needs --auth)")
+        p.add_argument("--auth", default=None, help="user:password (required for --share or a non-local --host)")
+        p.add_argument("--runs-dir", default="runs")
+        p.add_argument("--recipes-dir", default="recipes")
+
+    def run(a: argparse.Namespace) -> int:
+        from .ui_launch import launch
+
+        auth = tuple(a.auth.split(":", 1)) if a.auth else None
+        launch(host=a.host, port=a.port, share=a.share, auth=auth, runs_dir=a.runs_dir, recipes_dir=a.recipes_dir)
+        return 0
+    return add, run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lite-srpo", description="RLVR for vision-language models on one GPU.")
     parser.add_argument("-v", "--verbose", action="store_true")

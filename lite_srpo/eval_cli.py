@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .config import LoraConfig, ModelConfig, RunConfig, config_from_dict, load_recipe_dict
-from .errors import ConfigError, DataError, LiteSrpoError, ModelError
+from .config import LoraConfig, ModelConfig, RunConfig
+from .errors import ConfigError, DataError, ModelError
 from .evaluate import Protocol, evaluate
-from .export import EXPORT_INFO, resolve_base, resolve_checkpoint
+from .export import EXPORT_INFO, load_run_config, resolve_base, resolve_checkpoint, say
 from .modeling import PolicyModel, load_base, load_policy, pick_device, resolve_dtype
 from .prompts import TEMPLATES, ResponseFormat
 from .tasks import TASKS, load_benchmark, make_task
@@ -40,7 +40,7 @@ class EvalModel:
 
 def _recipe_in(directory: Path) -> RunConfig | None:
     recipe = directory / "recipe.yaml"
-    return config_from_dict(load_recipe_dict(recipe), source=str(recipe)) if recipe.is_file() else None
+    return load_run_config(recipe) if recipe.is_file() else None
 
 
 def _looks_like_run(p: Path) -> bool:
@@ -75,7 +75,8 @@ def load_eval_model(source: str, *, base: str | None = None, load_in_4bit: bool 
         info = {"source": str(p), "kind": "adapter", "base": model_cfg.path, "load_in_4bit": four_bit}
         return EvalModel(policy, "adapter", cfg, info)
     if p.exists() and not (p / "config.json").is_file():
-        raise ModelError(f"{source}: not a run, checkpoint, adapter (adapter_config.json) or model (config.json) directory")
+        raise ModelError(f"{source}: not a run, checkpoint, adapter (adapter_config.json) or model (config.json) "
+                         "directory")
     cfg = _recipe_in(p) if p.is_dir() else None
     quantized = p.is_dir() and "quantization_config" in json.loads((p / "config.json").read_text(encoding="utf-8"))
     model_cfg = ModelConfig(path=str(p) if p.exists() else source, load_in_4bit=bool(load_in_4bit) or quantized,
@@ -134,6 +135,7 @@ def summarize(per_dataset: dict[str, dict]) -> dict:
 
 
 def format_table(result: dict) -> str:
+    """The printed results table: one row per dataset, then overall and macro average when several."""
     head = f"{'dataset':<24}{'samples':>8}{'responses':>10}{'accuracy':>10}{'format':>8}{'mean len':>10}"
     rows = [f"\n{result['model']['source']} — protocol {result['protocol']}, max_new_tokens "
             f"{result['settings']['max_new_tokens']}, template {result['settings']['template']}", head, "-" * len(head)]
@@ -151,7 +153,8 @@ def format_table(result: dict) -> str:
 
 def run_eval(model: EvalModel, datasets: list[tuple[str, list[Sample]]], *, protocol: Protocol, template: str,
              fmt: ResponseFormat, max_new_tokens: int, batch_size: int, answer_fallback: str, seed: int = 0,
-             log=print) -> dict:
+             log=say) -> dict:
+    """Evaluate every dataset under one protocol (re-seeded per dataset, so each is reproducible alone)."""
     model.policy.model.eval()  # no dropout; the CPU 4-bit repack is disabled at load
     per_dataset: dict[str, dict] = {}
     t0 = time.perf_counter()
@@ -172,6 +175,7 @@ def run_eval(model: EvalModel, datasets: list[tuple[str, list[Sample]]], *, prot
 
 
 def write_json(result: dict, path: Path) -> None:
+    """Atomic write: a reader never sees half a results file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
@@ -194,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100, help="samples of a procedural task's test split")
     p.add_argument("--protocol", default="greedy", help="greedy | avg@K (K samples per prompt at --temperature)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of avg@K")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the recipe's rollout.max_new_tokens, else 512")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the recipe's rollout.max_new_tokens, else 512")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (× K under avg@K)")
     p.add_argument("--template", default=None, choices=sorted(TEMPLATES), help="default: the recipe's, else structured")
     p.add_argument("--answer-fallback", default=None, choices=["none", "last_number", "last_line"])
@@ -228,36 +233,37 @@ def eval_main(argv: list[str]) -> int:
     """`lite-srpo eval MODEL_OR_RUN_OR_CHECKPOINT --data ... --protocol greedy|avg@K ...`; raises LiteSrpoError."""
     a = build_parser().parse_args(argv)
     protocol = _check_args(a)
+    source = Path(a.source).expanduser()
+    if not a.data and not (source.is_dir() and (_looks_like_run(source) or (source / "recipe.yaml").is_file())):
+        raise ConfigError("--data is required for a model without a recipe (give a file or a task name)")
     device = pick_device() if a.device == "auto" else torch.device(a.device)
     model = load_eval_model(a.source, base=a.base, load_in_4bit=a.load_in_4bit, dtype=a.dtype, device=device)
     cfg = model.cfg
     if a.data:
         datasets = load_eval_data(a.data, benchmark=a.benchmark, image_root=a.image_root, limit=a.limit, n_task=a.n,
                                   seed=a.seed, image_size=cfg.data.image_size if cfg else 56)
-    elif cfg is not None:
+    else:
         from .data import load_splits
 
         test = load_splits(cfg.data, seed=cfg.train.seed)[1][:a.limit]
         datasets = [(f"held-out ({cfg.data.task or Path(cfg.data.test_file or cfg.data.train_file).stem})", test)]
-    else:
-        raise ConfigError("--data is required for a model without a recipe (give a file or a task name)")
     d = cfg.data if cfg else None
     template = a.template or (d.template if d else "structured")
-    fmt = ResponseFormat(perception_tag=d.perception_tag if d else "perception", think_tag=d.think_tag if d else "think",
-                         template=template)
+    tags = {"perception_tag": d.perception_tag, "think_tag": d.think_tag} if d else {}
+    fmt = ResponseFormat(template=template, **tags)
     max_new = a.max_new_tokens or (cfg.rollout.max_new_tokens if cfg else 512)
     fallback = a.answer_fallback or (cfg.reward.answer_fallback if cfg else "none")
     result = run_eval(model, datasets, protocol=protocol, template=template, fmt=fmt, max_new_tokens=max_new,
                       batch_size=a.batch_size, answer_fallback=fallback, seed=a.seed)
-    print(format_table(result))
+    say(format_table(result))
     out = Path(a.out) if a.out else None
     if out is None and model.run_dir is not None:
         tag = protocol.label.split(" ")[0].replace("@", "at")
         out = model.run_dir / "eval" / f"step_{model.info.get('step', 0):06d}-{tag}.json"
     if out is not None:
         write_json(result, out)
-        print(f"results: {out}")
+        say(f"results: {out}")
     else:
-        print("(pass --out FILE to save these results as JSON)")
+        say("(pass --out FILE to save these results as JSON)")
     return 0
 

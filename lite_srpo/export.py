@@ -13,6 +13,7 @@ failure or Ctrl-C leaves no partial export.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import gc
 import json
@@ -20,8 +21,8 @@ import os
 import re
 import resource
 import shutil
+import threading
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +44,11 @@ WARMUP_DIR = "warmup_model"
 DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def say(message: str) -> None:
+    """Progress lines flushed at once, so a parent process (the UI) tailing the log sees them live."""
+    print(message, flush=True)
 
 
 class ExportError(LiteSrpoError):
@@ -89,17 +95,24 @@ def resolve_checkpoint(path: str | Path) -> CheckpointSource:
     recipe = next((r for r in (ckpt / RECIPE_FILE, run_dir and run_dir / RECIPE_FILE) if r and r.is_file()), None)
     if recipe is None:
         raise ExportError(f"{ckpt}: no {RECIPE_FILE} next to the checkpoint or in its run; cannot tell the base model")
-    data = load_recipe_dict(recipe)
-    # Rewards are not needed to export or evaluate, and custom reward functions registered by the user's
-    # training script are not importable here: validate the recipe without them.
-    if isinstance(data.get("reward"), dict):
-        data["reward"] = {k: v for k, v in data["reward"].items() if k != "weights"}
-    cfg = config_from_dict(data, source=str(recipe))
+    cfg = load_run_config(recipe)
     match = re.fullmatch(r"step_(\d+)", ckpt.name)
     metrics_file = ckpt / METRICS_FILE
     metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
     return CheckpointSource(checkpoint=ckpt, run_dir=run_dir, step=int(match.group(1)) if match else -1, cfg=cfg,
                             recipe_yaml=recipe.read_text(encoding="utf-8"), metrics=metrics)
+
+
+def load_run_config(recipe: Path) -> RunConfig:
+    """A run's saved recipe, validated without `reward.weights`.
+
+    Rewards are not needed to export or evaluate, and custom reward functions that the user's training
+    script registered are not importable here.
+    """
+    data = load_recipe_dict(recipe)
+    if isinstance(data.get("reward"), dict):
+        data["reward"] = {k: v for k, v in data["reward"].items() if k != "weights"}
+    return config_from_dict(data, source=str(recipe))
 
 
 def resolve_base(model_path: str, run_dir: Path | None, override: str | None = None) -> str:
@@ -227,16 +240,91 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _release(model: torch.nn.Module) -> Callable[[], None]:
-    """Free `model` once the caller drops it; a full gc (slow with transformers loaded) only if a cycle keeps it."""
-    ref = weakref.ref(model)
+def anon_rss_gib() -> float | None:
+    """Anonymous resident memory now (Linux), i.e. RSS without file-backed (memory-mapped) pages."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
 
-    def release() -> None:
-        if ref() is not None:
-            gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return release
+
+class MemoryMonitor:
+    """Peak memory of the export, overall and per stage.
+
+    Peak RSS also counts pages of memory-mapped safetensors files, which the kernel can drop under
+    pressure; the anonymous part, sampled every `interval` seconds, is what has to fit in RAM.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.anon_peak: float | None = anon_rss_gib()
+        self.stages: dict[str, dict[str, float | None]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = anon_rss_gib()
+            if now is not None:
+                self.anon_peak = max(self.anon_peak or 0.0, now)
+
+    def __enter__(self) -> "MemoryMonitor":
+        if self.anon_peak is not None:
+            self._thread = threading.Thread(target=self._sample, name="export-memory", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def snapshot(self) -> dict[str, float | None]:
+        now = anon_rss_gib()
+        if now is not None:
+            self.anon_peak = max(self.anon_peak or 0.0, now)
+        return {"rss_gib": peak_rss_gib(), "anon_gib": self.anon_peak}
+
+    def mark(self, stage: str) -> None:
+        """Record the peaks reached by the end of `stage` (they only grow, so each stage's own peak shows)."""
+        self.stages[stage] = self.snapshot()
+
+
+GC_MIN_BYTES = 256 * 2**20
+
+
+def _is_large(model: torch.nn.Module) -> bool:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) >= GC_MIN_BYTES
+
+
+def _collect(large: bool) -> None:
+    """Break the reference cycles that keep dropped weights and checkpoint mmaps alive.
+
+    A full gc costs ~0.5 s once transformers is imported, so tiny models skip it.
+    """
+    if large:
+        gc.collect()
+        _malloc_trim()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so the next stage's RSS is honest."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _release(model: torch.nn.Module) -> Callable[[], None]:
+    """Call the returned function after dropping every reference to `model` to give its memory back."""
+    large = _is_large(model)
+    return lambda: _collect(large)
 
 
 # --- the export ----------------------------------------------------------------------------------------
@@ -286,64 +374,71 @@ def check_output(out: Path, force: bool, protected: list[Path]) -> None:
         raise ExportError(f"--out {out}: directory is not empty (pass --force to replace it)")
 
 
-def export(plan: ExportPlan, log=print) -> dict:
+def export(plan: ExportPlan, log=say) -> dict:
     """Run the whole export into a temporary directory, verify it, then move it to `plan.out`."""
-    src, cfg = plan.source, plan.source.cfg
-    protected = [src.checkpoint] + ([src.run_dir] if src.run_dir else []) + ([Path(plan.base)] if Path(plan.base).is_dir() else [])
-    check_output(plan.out, plan.force, protected)
-    n_modules = check_adapter_fits(src.adapter_dir, plan.base, cfg.model.trust_remote_code)
+    src = plan.source
+    base_dir = [Path(plan.base)] if Path(plan.base).is_dir() else []
+    check_output(plan.out, plan.force, [src.checkpoint, *([src.run_dir] if src.run_dir else []), *base_dir])
+    n_modules = check_adapter_fits(src.adapter_dir, plan.base, src.cfg.model.trust_remote_code)
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = plan.out.parent / f".tmp-{plan.out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     t0 = time.perf_counter()
-    stages: dict[str, float] = {}
     try:
-        log(f"[export] reference: the trained adapter model ({'4-bit NF4' if cfg.model.load_in_4bit else _dtype_name(plan.dtype)} "
-            f"base, {n_modules} LoRA modules, {_dtype_name(plan.dtype)} compute) on {len(probe_images())} probe prompts")
-        reference, mask = _reference_logits(plan)
-        stages["reference"] = peak_rss_gib()
-        if plan.mode == "adapter":
-            _write_adapter(plan, tmp)
-            exported = _adapter_logits(plan, tmp)
-        else:
-            log(f"[export] merging: {'dequantize NF4 → ' if cfg.model.load_in_4bit else ''}{_dtype_name(plan.dtype)}, "
-                f"merge LoRA, save safetensors (shards ≤ {plan.max_shard_size})")
-            _write_merged(plan, tmp)
-            stages["merge"] = peak_rss_gib()
-            exported = _merged_logits(tmp, plan)
-        stages["verify"] = peak_rss_gib()
-        check = compare_logits(reference, exported, mask)
-        check.update(tolerance=plan.tolerance, passed=within_tolerance(check, plan.tolerance))
-        log(f"[export] verify: max |Δlogit| = {check['max_abs_diff']:.3g} over {check['tokens']} tokens "
-            f"(logit scale {check['logit_scale']:.3g}, tolerance {plan.tolerance:g}"
-            f"{' × scale' if check['logit_scale'] > 1 else ''}), top-1 agreement {100 * check['top1_agreement']:.1f}%")
-        if not check["passed"]:
-            raise ExportError(
-                f"verification FAILED: the exported model differs from the trained adapter model by "
-                f"{check['max_abs_diff']:.3g} in logits (allowed {plan.tolerance:g}"
-                f"{' × ' + format(check['logit_scale'], '.3g') if check['logit_scale'] > 1 else ''}); nothing was "
-                f"written. Check --base and --dtype, or loosen --tolerance if this dtype is expected to differ.")
-        del exported
-        quantized = None
-        if plan.quantize == "4bit":
-            log("[export] quantizing a bitsandbytes NF4 copy of the merged model (not bit-exact)")
-            quantized = _write_quantized(plan, tmp, reference, mask)
-            stages["quantize"] = peak_rss_gib()
-            log(f"[export] 4-bit copy: max |Δlogit| = {quantized['max_abs_diff']:.3g} vs the adapter model "
-                f"(reported only; quantization rounds the merged weights)")
-        info = _export_info(plan, check, quantized, stages, time.perf_counter() - t0)
+        with MemoryMonitor() as memory:
+            check, quantized = _build(plan, tmp, n_modules, memory, log)
+        info = _export_info(plan, check, quantized, memory, time.perf_counter() - t0)
         (tmp / RECIPE_FILE).write_text(src.recipe_yaml, encoding="utf-8")
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(plan, info), encoding="utf-8")
         _publish(tmp, plan.out, plan.force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    info["out"] = str(plan.out)
-    log(f"[export] peak memory: {info['peak_rss_gib']:.2f} GiB RSS"
-        + (f", {info['peak_cuda_gib']:.2f} GiB CUDA" if info.get("peak_cuda_gib") is not None else ""))
+    cuda = f", {info['peak_cuda_gib']:.2f} GiB CUDA" if info["peak_cuda_gib"] is not None else ""
+    anon = f" ({info['peak_anon_gib']:.2f} GiB anonymous; the rest is memory-mapped files)" \
+        if info["peak_anon_gib"] is not None else ""
+    log(f"[export] peak memory: {info['peak_rss_gib']:.2f} GiB RSS{anon}{cuda}")
     log(f"[export] wrote {plan.out} ({plan.mode}, {_size_mb(plan.out):.1f} MB) in {info['seconds']:.1f} s")
     return info
+
+
+def _build(plan: ExportPlan, tmp: Path, n_modules: int, memory: MemoryMonitor, log) -> tuple[dict, dict | None]:
+    """Reference logits → write the export into `tmp` → reload and compare (→ optional 4-bit copy)."""
+    four_bit, dtype = plan.source.cfg.model.load_in_4bit, _dtype_name(plan.dtype)
+    log(f"[export] reference: the trained adapter model ({'4-bit NF4' if four_bit else dtype} base, {n_modules} "
+        f"LoRA modules, {dtype} compute) on {len(probe_images())} probe prompts")
+    reference, mask = _reference_logits(plan)
+    memory.mark("reference")
+    if plan.mode == "adapter":
+        _write_adapter(plan, tmp)
+        exported = _adapter_logits(plan, tmp)
+    else:
+        log(f"[export] merging: {'dequantize NF4 → ' if four_bit else ''}{dtype}, merge LoRA, save safetensors "
+            f"(shards ≤ {plan.max_shard_size})")
+        _write_merged(plan, tmp)
+        memory.mark("merge")
+        exported = _merged_logits(tmp, plan)
+    memory.mark("verify")
+    check = compare_logits(reference, exported, mask)
+    check.update(tolerance=plan.tolerance, passed=within_tolerance(check, plan.tolerance))
+    scaled = check["logit_scale"] > 1
+    log(f"[export] verify: max |Δlogit| = {check['max_abs_diff']:.3g} over {check['tokens']} tokens (logit scale "
+        f"{check['logit_scale']:.3g}, tolerance {plan.tolerance:g}{' × scale' if scaled else ''}), top-1 agreement "
+        f"{100 * check['top1_agreement']:.1f}%")
+    if not check["passed"]:
+        allowed = f"{plan.tolerance:g}" + (f" × {check['logit_scale']:.3g}" if scaled else "")
+        raise ExportError(f"verification FAILED: the exported model differs from the trained adapter model by "
+                          f"{check['max_abs_diff']:.3g} in logits (allowed {allowed}); nothing was written. Check "
+                          "--base and --dtype, or loosen --tolerance if this dtype is expected to differ.")
+    quantized = None
+    if plan.quantize == "4bit":
+        log("[export] quantizing a bitsandbytes NF4 copy of the merged model (not bit-exact)")
+        quantized = _write_quantized(plan, tmp, reference, mask)
+        memory.mark("quantize")
+        log(f"[export] 4-bit copy: max |Δlogit| = {quantized['max_abs_diff']:.3g} vs the adapter model (reported "
+            "only; quantization rounds the merged weights)")
+    return check, quantized
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -400,15 +495,19 @@ def _write_merged(plan: ExportPlan, tmp: Path) -> None:
     from .modeling import load_base
 
     base, processor, _ = load_base(plan.model_cfg, plan.device)
+    large = _is_large(base)
+    _collect(large)  # unmaps the checkpoint files the loader read
     if plan.model_cfg.load_in_4bit:
         base = base.dequantize(dtype=plan.dtype)
+        _collect(large)  # frees the replaced 4-bit modules
     left = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     if left:  # merging into these would re-quantize W + BA (anchors.md §7.4)
         raise ModelError(f"dequantization left {len(left)} 4-bit layers (e.g. {left[0]}); refusing to merge into them")
     try:
         model = PeftModel.from_pretrained(base, str(plan.source.adapter_dir), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelError(f"adapter {plan.source.adapter_dir} does not fit {plan.base}: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0]
+        raise ModelError(f"adapter {plan.source.adapter_dir} does not fit {plan.base}: {first}") from None
     merged = model.merge_and_unload()
     del model, base
     merged.config.dtype = plan.dtype
@@ -424,7 +523,8 @@ def _load_exported(path: Path, plan: ExportPlan) -> torch.nn.Module:
     from transformers import AutoModelForImageTextToText
 
     kwargs: dict[str, Any] = {"dtype": plan.dtype, "trust_remote_code": plan.source.cfg.model.trust_remote_code}
-    quantized = (path / "config.json").is_file() and "quantization_config" in json.loads((path / "config.json").read_text())
+    config = path / "config.json"
+    quantized = config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
     if quantized:
         kwargs["device_map"] = {"": plan.device.index or 0} if plan.device.type == "cuda" else {"": "cpu"}
     model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
@@ -490,11 +590,12 @@ def _size_mb(path: Path) -> float:
 def _latest_eval(run_dir: Path | None, step: int) -> dict | None:
     if run_dir is None or not (run_dir / "events.jsonl").is_file():
         return None
-    evals = [e for e in read_events(run_dir / "events.jsonl") if e.get("type") == "eval" and (e.get("step") or 0) <= step]
+    evals = [e for e in read_events(run_dir / "events.jsonl")
+             if e.get("type") == "eval" and (e.get("step") or 0) <= step]
     return evals[-1] if evals else None
 
 
-def _export_info(plan: ExportPlan, check: dict, quantized: dict | None, stages: dict, seconds: float) -> dict:
+def _export_info(plan: ExportPlan, check: dict, quantized: dict | None, memory: MemoryMonitor, seconds: float) -> dict:
     src = plan.source
     return {
         "mode": plan.mode,
@@ -508,10 +609,12 @@ def _export_info(plan: ExportPlan, check: dict, quantized: dict | None, stages: 
         "dtype": _dtype_name(plan.dtype),
         "merge": None if plan.mode == "adapter" else (
             "dequantized NF4 base, then merged" if src.cfg.model.load_in_4bit else "merged into the base weights"),
-        "verification": {**check, "probes": len(probe_images()), "reference": "trained adapter model (peft, as in training)"},
+        "verification": {**check, "probes": len(probe_images()),
+                         "reference": "trained adapter model (peft, as in training)"},
         "quantized_copy": quantized,
         "peak_rss_gib": peak_rss_gib(),
-        "peak_rss_gib_by_stage": stages,
+        "peak_anon_gib": memory.anon_peak,
+        "peak_by_stage": memory.stages,
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "seconds": seconds,
         "metrics": src.metrics,
@@ -545,8 +648,8 @@ def model_card(plan: ExportPlan, info: dict) -> str:
         lines += [f"A standalone {info['dtype']} model: {how}. It needs neither peft nor lite-srpo.", "",
                   "```python", "from transformers import AutoModelForImageTextToText, AutoProcessor", "",
                   "model = AutoModelForImageTextToText.from_pretrained(\"<this directory>\")",
-                  "processor = AutoProcessor.from_pretrained(\"<this directory>\")  # Qwen processors need torchvision;",
-                  "# without it: from lite_srpo.processors import load_processor; processor = load_processor(...)",
+                  "# Qwen processors need torchvision; without it use lite_srpo.processors.load_processor",
+                  "processor = AutoProcessor.from_pretrained(\"<this directory>\")",
                   "```", ""]
         if info["quantized_copy"]:
             q = info["quantized_copy"]
@@ -558,16 +661,17 @@ def model_card(plan: ExportPlan, info: dict) -> str:
               f"chat-templated probe prompts with synthetic images ({v['tokens']} tokens, {info['dtype']}): "
               f"max |Δlogit| = {v['max_abs_diff']:.3g} (logit scale {v['logit_scale']:.3g}, tolerance "
               f"{v['tolerance']:g}), top-1 agreement {100 * v['top1_agreement']:.1f}%.", "",
-              f"Peak memory during export: {info['peak_rss_gib']:.2f} GiB RSS.", ""]
+              f"Peak memory during export: {info['peak_rss_gib']:.2f} GiB RSS"
+              + (f" ({info['peak_anon_gib']:.2f} GiB anonymous)." if info["peak_anon_gib"] is not None else "."), ""]
     numeric = {k: v for k, v in sorted(src.metrics.items()) if isinstance(v, (int, float))}
     if numeric:
         lines += [f"## Training metrics at step {src.step}", "", "| metric | value |", "|---|---|",
                   *[f"| {k} | {val:.4g} |" for k, val in numeric.items()], ""]
-    ev = info.get("eval")
+    ev, nan = info.get("eval"), float("nan")
     if ev:
         lines += [f"## Held-out evaluation (step {ev.get('step')}, {ev.get('protocol')})", "",
-                  f"accuracy {ev.get('accuracy', float('nan')):.3f}, format rate {ev.get('format_rate', float('nan')):.3f}, "
-                  f"mean length {ev.get('mean_length', float('nan')):.1f} tokens over {ev.get('n_samples')} samples.", ""]
+                  f"accuracy {ev.get('accuracy', nan):.3f}, format rate {ev.get('format_rate', nan):.3f}, "
+                  f"mean length {ev.get('mean_length', nan):.1f} tokens over {ev.get('n_samples')} samples.", ""]
     lines += ["## Recipe", "", "```yaml", src.recipe_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
 
@@ -629,6 +733,7 @@ def export_main(argv: list[str]) -> int:
                       base=resolve_base(source.cfg.model.path, source.run_dir, args.base), dtype=dtype, device=device,
                       tolerance=DEFAULT_TOLERANCE[dtype] if args.tolerance is None else args.tolerance,
                       quantize=args.quantize, force=args.force, max_shard_size=args.max_shard_size)
-    print(f"[export] {source.checkpoint} (step {source.step}) → {plan.out} [{plan.mode}, {_dtype_name(dtype)}, {device}]")
+    say(f"[export] {source.checkpoint} (step {source.step}) → {plan.out} "
+        f"[{plan.mode}, {_dtype_name(dtype)}, {device}]")
     export(plan)
     return 0

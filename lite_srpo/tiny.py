@@ -160,6 +160,19 @@ def _corpus_lines() -> Iterator[str]:
         )
         yield " ".join(rng.choice(_WORDS) for _ in range(12))
         yield f"system\nYou are a helpful assistant.\nuser\nHow many {shape}s are {colour}?\nassistant\n{n}"
+    yield from _prompt_lines(rng)
+
+
+def _prompt_lines(rng: random.Random) -> Iterator[str]:
+    """The project's own prompt templates, so a tiny model's prompts are short sequences, as on real tokenizers."""
+    from .prompts import TEMPLATES, ResponseFormat, build_user_text
+
+    fmt = ResponseFormat()
+    for _ in range(40):
+        colour, shape = rng.choice(_COLOURS), rng.choice(_SHAPES)
+        for template in TEMPLATES:
+            yield build_user_text(f"How many {colour} {shape}s are in the image?", None, template, fmt)
+            yield build_user_text("Which bar is tallest?", [rng.choice(_COLOURS) for _ in range(3)], template, fmt)
 
 
 def _train_tokenizer(special_tokens: tuple[str, ...], vocab_size: int) -> Any:

@@ -27,6 +27,8 @@ def parse_auth(auth: str | tuple[str, str] | None) -> tuple[str, str] | None:
             raise ConfigError("ui auth: use user:password")
         user, password = auth.split(":", 1)
     else:
+        if len(auth) != 2:
+            raise ConfigError("ui auth: use user:password")
         user, password = auth
     if not user or not password:
         raise ConfigError("ui auth: both a username and a password are needed")

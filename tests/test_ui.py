@@ -2,7 +2,6 @@
 process management (detached start, stop signal, re-attach, crash detection), the exposure guard."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -113,6 +112,13 @@ def test_event_tail_is_incremental_and_resets_on_rewrite(tmp_path):
     assert len(tail.refresh()) == 3
     w.truncate_after(2)  # what a resume does: the file is replaced
     assert [e["step"] for e in tail.refresh()] == [1, 2]
+    sample = {"question": "q", "tokens": [{"t": "a", "role": 1, "weight": 1.0}] * 50}
+    w.write("tokens", 3, algorithm="srpo", samples=[sample, sample])
+    w.write("metrics", 3, **{"reward/mean": 0.3})
+    stub, last = tail.refresh()[-2:]
+    assert stub["n_samples"] == 2 and "samples" not in stub and last["step"] == 3  # bulk stays on disk
+    full = tail.load_full(stub)
+    assert full["samples"][1]["tokens"][49]["t"] == "a" and tokens.token_events(tail.events) == [stub]
 
 
 def test_log_tail_keeps_last_carriage_return_state(tmp_path):
@@ -198,8 +204,12 @@ def test_detached_process_stop_and_reattach(tmp_path):
         assert os.getsid(record.pid) != os.getsid(0)  # own session: closing the UI's terminal does not reach it
         reread = process.read_record(run_dir)  # what a restarted UI sees
         assert reread.pid == record.pid and process.is_alive(reread)
-        forged = process.ProcessRecord(**{**reread.__dict__, "create_time": reread.create_time - 100})
-        assert not process.is_alive(forged)  # a recycled pid is not our process
+        restarted_ui = {}  # a new UI process has no Popen for it: liveness and stop go through psutil and kill
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(process, "_children", restarted_ui)
+            assert process.is_alive(reread) and process.exit_code(reread) is None
+            forged = process.ProcessRecord(**{**reread.__dict__, "create_time": reread.create_time - 100})
+            assert not process.is_alive(forged)  # a recycled pid is not our process
         msg = process.request_stop(run_dir)
         assert "finishes its current step" in msg
         assert process.wait_exit(record, 10)
@@ -249,7 +259,13 @@ def test_dead_process_without_final_status_is_a_resumable_crash(tmp_path):
     assert s.status == "crashed" and "code 3" in s.message and "boom" in s.error
     assert s.resumable and not s.alive
     assert runs.runs_table([s])[0][:3] == ["crashy", "crashed", "0/5"]
+    recipe = {"rollout": {"group_size": 8, "prompts_per_step": 4, "max_new_tokens": 64}, "optim": {"lr": 1e-5},
+              "lora": {"r": 16}, "model": {"load_in_4bit": True}}
+    assert runs.recipe_brief(recipe) == "G=8 x 4 prompts, 64 tok, lr 1e-05, LoRA r16, 4-bit"
     assert runs.find_runs([tmp_path]) == [run_dir.resolve()]
+    nested = tmp_path / "compare" / "compare_srpo"  # `lite-srpo compare` puts its arms one level down
+    EventWriter(nested / "events.jsonl").write("status", 0, status="finished")
+    assert set(runs.find_runs([tmp_path])) == {run_dir.resolve(), nested.resolve()}
 
 
 def test_real_training_process_crash_shows_error_and_resume_restarts(tmp_path):
@@ -318,3 +334,28 @@ def test_build_app_has_the_controls(tmp_path):
     for elem in ("run-select", "recipe-select", "start-btn", "stop-btn", "resume-btn", "run-status", "plot-reward",
                  "token-view", "token-step", "export-btn", "try-btn", "runs-table", "compare-plot", "f-rollout-group-size"):
         assert elem in ids, elem
+
+
+def test_try_the_model_answers_from_the_base(tmp_path, tiny_qwen):
+    """Load the run's model in-process, answer one uploaded image, parse the structure, colour tokens by role."""
+    from PIL import Image
+
+    from ui import infer
+
+    data = load_recipe_dict(DEMO)
+    data.update(name="try", output_dir=str(tmp_path))
+    data["model"]["path"] = str(tiny_qwen)
+    cfg = config_from_dict(data)
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "recipe.yaml").write_text(yaml.safe_dump(data))
+    assert infer.model_choices(cfg.run_dir) == [(f"base model ({tiny_qwen})", infer.BASE)]
+    cache = infer.ModelCache()
+    answer = infer.ask(cfg.run_dir, infer.BASE, Image.new("RGB", (64, 48), "red"), "How many shapes?", 8, cache=cache)
+    assert answer.text in "".join(t for t, _ in answer.highlights)  # token pieces cover the decoded answer
+    assert 1 <= len(answer.highlights) <= 8 and all(label in tokens.ROLE_COLOR_MAP for _, label in answer.highlights)
+    assert "**Answer:**" in answer.structured
+    with pytest.raises(Exception, match="upload an image"):
+        infer.ask(cfg.run_dir, infer.BASE, None, "q", 8, cache=cache)
+    good = "<perception>3 red circles</perception><think>3 is the count</think>\\boxed{3}"
+    md, valid = infer.structured_markdown(good, cfg)
+    assert valid and "**Perception:** 3 red circles" in md and "**Reasoning:** 3 is the count" in md and "`3`" in md

@@ -18,7 +18,7 @@ from lite_srpo.config import RunConfig, config_from_dict
 from lite_srpo.errors import LiteSrpoError
 
 from .process import LAUNCH_RECIPE
-from .tokens import shade_label, role_name
+from .tokens import role_name
 
 BASE = "base"
 MAX_SIDE = 1344  # larger uploads are scaled down: a phone photo would be thousands of vision tokens
@@ -130,4 +130,4 @@ def ask(run_dir: str | Path, choice: str, image: Image.Image | None, question: s
     text = batch.texts[0]
     structured, valid = structured_markdown(text, cfg)
     return Answer(text=text, structured=structured, valid=valid,
-                  highlights=[(p, shade_label(role_name(r), 3)) for p, r in zip(pieces, roles)])
+                  highlights=[(p, role_name(r)) for p, r in zip(pieces, roles)])

@@ -5,14 +5,13 @@ everything else is a pure function of the event list so it is tested without a b
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
 from pathlib import Path
 
 import pandas as pd
-
-from lite_srpo.events import iter_events
 
 ACTIVE = ("started", "running", "resumed")
 
@@ -31,7 +30,11 @@ PLOTS: dict[str, list[tuple[str, str]]] = {
 
 
 class EventTail:
-    """All events of one file so far, read incrementally; thread-safe (Gradio runs handlers in threads)."""
+    """All events of one file so far, read incrementally; thread-safe (Gradio runs handlers in threads).
+
+    `tokens` events (per-token records: the bulk of the file) are kept as stubs with their byte span;
+    `load_full` reads one back when the viewer needs it, so memory stays small on long runs.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -50,21 +53,58 @@ class EventTail:
             if st.st_ino != self._inode or st.st_size < self._offset:  # rewritten (resume truncation) or replaced
                 self.events, self._offset, self._inode = [], 0, st.st_ino
             if st.st_size > self._offset:
-                new, self._offset = iter_events(self.path, self._offset)
-                self.events = self.events + list(new)
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+                end = data.rfind(b"\n") + 1  # a half-written last line waits for the next refresh
+                new, pos = [], self._offset
+                for raw in data[:end].split(b"\n")[:-1]:
+                    event = _parse(raw)
+                    if event is not None:
+                        if event.get("type") == "tokens":
+                            event = {"type": "tokens", "step": event.get("step"), "time": event.get("time"),
+                                     "n_samples": len(event.get("samples") or []), "_at": (pos, len(raw))}
+                        new.append(event)
+                    pos += len(raw) + 1
+                self.events = self.events + new
+                self._offset += end
             return self.events
+
+    def load_full(self, stub: dict) -> dict | None:
+        """The whole event behind a `tokens` stub (None if the file was rewritten meanwhile)."""
+        if "_at" not in stub:
+            return stub
+        start, length = stub["_at"]
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                event = _parse(f.read(length))
+        except OSError:
+            return None
+        return event if event is not None and event.get("step") == stub.get("step") else None
+
+
+def _parse(raw: bytes) -> dict | None:
+    try:
+        event = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return event if isinstance(event, dict) else None
 
 
 _tails: dict[str, EventTail] = {}
 _tails_lock = threading.Lock()
 
 
-def events_of(run_dir: str | Path) -> list[dict]:
-    """The run's events, from a tail shared by every browser session."""
+def tail_of(run_dir: str | Path) -> EventTail:
+    """The run's tail, shared by every browser session."""
     key = str(Path(run_dir).resolve())
     with _tails_lock:
-        tail = _tails.setdefault(key, EventTail(Path(key) / "events.jsonl"))
-    return tail.refresh()
+        return _tails.setdefault(key, EventTail(Path(key) / "events.jsonl"))
+
+
+def events_of(run_dir: str | Path) -> list[dict]:
+    return tail_of(run_dir).refresh()
 
 
 def _num(v) -> float | None:

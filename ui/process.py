@@ -107,8 +107,8 @@ def is_alive(record: ProcessRecord | None) -> bool:
     if record is None:
         return False
     child = _children.get(record.pid)
-    if child is not None and child.poll() is not None:
-        return False
+    if child is not None:  # our own child: waitpid is exact (psutil can fail on a process mid-exit)
+        return child.poll() is None
     try:
         proc = psutil.Process(record.pid)
         if abs(proc.create_time() - record.create_time) > 1.0:

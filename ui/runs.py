@@ -39,26 +39,30 @@ class RunSummary:
     slot: str | None = None
     error: str = ""
     updated: float = 0.0
+    recipe: dict = field(default_factory=dict)
 
     @property
     def resumable(self) -> bool:
         return not self.alive and self.status in ("stopped", "crashed", "interrupted")
 
-    @property
-    def label(self) -> str:
-        return f"{self.name} — {self.status}"
+
+def _is_run(d: Path) -> bool:
+    return any((d / m).exists() for m in MARKERS)
 
 
 def find_runs(roots: list[str | Path]) -> list[Path]:
-    """Run directories under each root (newest first): any directory holding one of the run files."""
+    """Run directories under each root, newest first; one level deeper too (`runs/compare/compare_srpo`)."""
     found: dict[Path, float] = {}
     for root in roots:
         root = Path(root)
         if not root.is_dir():
             continue
         for d in root.iterdir():
-            if d.is_dir() and any((d / m).exists() for m in MARKERS):
-                found[d.resolve()] = max((d / m).stat().st_mtime for m in MARKERS if (d / m).exists())
+            if not d.is_dir():
+                continue
+            candidates = [d] if _is_run(d) else [c for c in d.iterdir() if c.is_dir() and _is_run(c)]
+            for c in candidates:
+                found[c.resolve()] = max((c / m).stat().st_mtime for m in MARKERS if (c / m).exists())
     return sorted(found, key=lambda p: -found[p])
 
 
@@ -92,7 +96,7 @@ def summarize(run_dir: str | Path, now: float | None = None) -> RunSummary:
                    algorithm=st["algorithm"] or (recipe.get("algorithm") or {}).get("name"),
                    model=st["model"] or (recipe.get("model") or {}).get("path"), last_metrics=st["last_metrics"],
                    checkpoints=checkpoint_dirs(run_dir), alive=alive, pid=record.pid if record else None,
-                   slot=record.slot if record else None, updated=updated)
+                   slot=record.slot if record else None, updated=updated, recipe=recipe)
     if alive:
         assert record is not None
         since_launch = (st["status_time"] or 0) >= record.started - 1.0  # this process wrote the last status
@@ -124,6 +128,23 @@ def crash_text(run_dir: Path, message: str) -> str:
     return f"{message}\n\n--- end of {LOG_FILE} ---\n{tail}" if tail else message
 
 
+def recipe_brief(recipe: dict) -> str:
+    """'G=8 x 4 prompts, 128 tok, lr 1e-05, LoRA r16, 4-bit' from a recipe dict (missing keys left out)."""
+    r, o, lo, m = (recipe.get(k) or {} for k in ("rollout", "optim", "lora", "model"))
+    parts = []
+    if "group_size" in r:
+        parts.append(f"G={r['group_size']}" + (f" x {r['prompts_per_step']} prompts" if "prompts_per_step" in r else ""))
+    if "max_new_tokens" in r:
+        parts.append(f"{r['max_new_tokens']} tok")
+    if "lr" in o:
+        parts.append(f"lr {o['lr']:g}" if isinstance(o["lr"], (int, float)) else f"lr {o['lr']}")
+    if "r" in lo:
+        parts.append(f"LoRA r{lo['r']}")
+    if "load_in_4bit" in m:
+        parts.append("4-bit" if m["load_in_4bit"] else "16/32-bit")
+    return ", ".join(parts)
+
+
 def metric_text(metrics: dict, key: str) -> str:
     v = metrics.get(key)
     return f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
@@ -134,12 +155,12 @@ def runs_table(summaries: list[RunSummary]) -> list[list]:
     rows = []
     for s in summaries:
         total = s.total_steps if s.total_steps is not None else "?"
-        rows.append([s.name, s.status, f"{s.step}/{total}", s.algorithm or "", s.model or "",
+        rows.append([s.name, s.status, f"{s.step}/{total}", s.algorithm or "", s.model or "", recipe_brief(s.recipe),
                      metric_text(s.last_metrics, "reward/mean"), metric_text(s.last_metrics, "accuracy"),
                      metric_text(s.last_metrics, "loss/total"), len(s.checkpoints),
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated)) if s.updated else "", str(s.path)])
     return rows
 
 
-RUNS_COLUMNS = ["run", "status", "step", "algorithm", "model", "reward", "accuracy", "loss", "checkpoints",
+RUNS_COLUMNS = ["run", "status", "step", "algorithm", "model", "recipe", "reward", "accuracy", "loss", "checkpoints",
                 "updated", "path"]

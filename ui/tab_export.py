@@ -10,7 +10,7 @@ from lite_srpo.checkpoint import checkpoint_dirs
 from .export_job import MODES, default_out_dir, export_status, start_export
 
 LAST = "last"
-MERGED_NOTE = ("**merged** loads the base as in training, dequantizes a 4-bit base to bf16, merges the adapter and "
+MERGED_NOTE = ("**merged** loads the base as in training, dequantizes a 4-bit base (bf16 on a GPU, fp32 on the CPU), merges the adapter and "
                "saves a full HF model with its processor (needs about 2 bytes × parameters of RAM). **adapter** "
                "writes only the LoRA weights (peft format), small and quick.")
 

@@ -7,24 +7,25 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import psutil
 
 from lite_srpo.errors import LiteSrpoError
 
 from . import control
 from .process import child_env
 from .form import FIELDS, FormField, Validation, errors_for_field, list_recipes, load_form, preview, recipe_from_form, validate
-from .views import plan_markdown
+from .views import plan_as_markdown
 
 ERROR_CLASS = "ls-field-error"
 
 
 def memory_planner():
-    """`lite_srpo.memory.plan` if this install has it (the panel is hidden otherwise)."""
+    """`lite_srpo.memory` (plan, format_plan) if this install has it; the panel is hidden otherwise."""
     try:
-        from lite_srpo.memory import plan
+        from lite_srpo.memory import format_plan, plan
     except ImportError:
         return None
-    return plan
+    return plan, format_plan
 
 
 def make_field(f: FormField) -> gr.components.Component:
@@ -54,19 +55,21 @@ def field_updates(v: Validation) -> list[dict]:
 def error_markdown(v: Validation) -> str:
     if v.ok:
         return ""
-    lines = [f"- `{k or 'recipe'}`: {m}" for k, msgs in v.errors.items() for m in msgs]
+    lines = [f"- {m}" for msgs in v.errors.values() for m in msgs]
     return "**Nothing will start until these are fixed:**\n" + "\n".join(lines)
 
 
-def plan_text(v: Validation, gpu_mem: float | None) -> str:
-    plan = memory_planner()
-    if plan is None or not v.ok:
+def plan_text(v: Validation, gpu_mem: float | None, device: str = "cuda") -> str:
+    planner = memory_planner()
+    if planner is None or not v.ok:
         return ""
+    plan, format_plan = planner
+    budget = float(gpu_mem or 24) if device == "cuda" else psutil.virtual_memory().total / 2**30
     try:
-        result = plan(v.cfg, float(gpu_mem or 24))
+        result = plan(v.cfg, budget, device=device)
     except (LiteSrpoError, ValueError, TypeError) as exc:
         return f"memory plan unavailable for this recipe: {exc}"
-    return plan_markdown(result) if isinstance(result, dict) else str(result)
+    return plan_as_markdown(format_plan(result))
 
 
 def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
@@ -76,7 +79,9 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
     with gr.Row():
         recipe_dd = gr.Dropdown(choices=[(Path(r).name, r) for r in recipes], value=default, label="Recipe",
                                 info=f"from {ctx.recipes_dir}/", elem_id="recipe-select", scale=3)
-        gpu_mem = gr.Number(24, label="GPU memory (GiB) for the plan", visible=memory_planner() is not None, scale=1)
+        plan_device = gr.Radio(["cuda", "cpu"], value="cuda", label="Plan memory for", scale=1,
+                               visible=memory_planner() is not None, elem_id="plan-device")
+        gpu_mem = gr.Number(24, label="GPU memory (GiB)", visible=memory_planner() is not None, scale=1)
     fields: list[gr.components.Component] = []
     for start in range(0, len(FIELDS), 4):
         with gr.Row():
@@ -89,7 +94,8 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
         preview_btn = gr.Button("Preview", elem_id="preview-btn")
         start_btn = gr.Button("Start training", variant="primary", elem_id="start-btn")
     launch_msg = gr.Markdown(elem_id="launch-msg")
-    with gr.Accordion("Predicted memory (lite_srpo.memory)", open=True, visible=memory_planner() is not None):
+    with gr.Accordion("Predicted peak memory before launch (lite_srpo.memory)", open=False,
+                      visible=memory_planner() is not None):
         plan_md = gr.Markdown(elem_id="plan-md")
     command = gr.Code(label="Command that will run", language="shell", lines=1, interactive=False,
                       elem_id="cmd-preview")
@@ -98,7 +104,7 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
     preview_outputs = [form_error, *fields, command, yaml_box, plan_md]
 
     def do_preview(base: dict, *args: Any) -> list:
-        *values, extra, mem = args
+        *values, extra, mem, device = args
         v = validate(recipe_from_form(base, list(values), extra))
         if not v.ok:
             return [error_markdown(v), *field_updates(v), "", "", ""]
@@ -111,9 +117,9 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
             notes.append(f"ℹ model `{v.cfg.model.path}` is not a local directory: it will be loaded as a hub id. "
                          "For the CPU demo press **Build a tiny model here** first.")
         note = "\n\n".join(notes)
-        return [note, *field_updates(v), f"{cmd}\n# YAML saved to {yaml_path}", text, plan_text(v, mem)]
+        return [note, *field_updates(v), f"{cmd}\n# YAML saved to {yaml_path}", text, plan_text(v, mem, device)]
 
-    def do_load(path: str | None, *rest: Any) -> list:
+    def do_load(path: str | None, mem: float | None, device: str) -> list:
         if not path:
             return [{}, *[gr.skip()] * len(fields), *[gr.skip()] * len(preview_outputs)]
         try:
@@ -121,10 +127,10 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
         except LiteSrpoError as exc:
             return [{}, *[gr.skip()] * len(fields), f"**Cannot read the recipe:** {exc}",
                     *[gr.skip()] * (len(preview_outputs) - 1)]
-        return [base, *values, *do_preview(base, *values, "", rest[-1] if rest else 24)]
+        return [base, *values, *do_preview(base, *values, "", mem, device)]
 
     def do_start(base: dict, *args: Any) -> list:
-        *values, extra, mem = args
+        *values, extra, mem, device = args
         v = validate(recipe_from_form(base, list(values), extra))
         shown = do_preview(base, *args)
         if not v.ok:
@@ -149,11 +155,13 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
             return f"**building the tiny model failed:** {(done.stderr or done.stdout).strip()[-800:]}"
         return f"✅ built a tiny random Qwen2.5-VL in `{path}` (fine for the CPU demo; it learns with SFT warm-up)"
 
-    inputs = [base_state, *fields, overrides, gpu_mem]
+    inputs = [base_state, *fields, overrides, gpu_mem, plan_device]
     model_field = fields[[f.key for f in FIELDS].index("model.path")]
     tiny_btn.click(do_tiny, model_field, launch_msg).then(do_preview, inputs, preview_outputs, show_progress="hidden")
-    recipe_dd.change(do_load, [recipe_dd, gpu_mem], [base_state, *fields, *preview_outputs], show_progress="hidden")
-    gr.on([f.input for f in fields] + [overrides.input, preview_btn.click], do_preview, inputs, preview_outputs,
+    recipe_dd.change(do_load, [recipe_dd, gpu_mem, plan_device], [base_state, *fields, *preview_outputs],
+                     show_progress="hidden")
+    gr.on([f.change for f in fields] + [overrides.change, preview_btn.click, gpu_mem.change, plan_device.change],
+          do_preview, inputs, preview_outputs,
           show_progress="hidden", trigger_mode="always_last")
     start_btn.click(do_start, inputs, [*preview_outputs, launch_msg, run_select, tabs], concurrency_limit=1)
-    ctx.on_page_load(do_load, [recipe_dd, gpu_mem], [base_state, *fields, *preview_outputs])
+    ctx.on_page_load(do_load, [recipe_dd, gpu_mem, plan_device], [base_state, *fields, *preview_outputs])

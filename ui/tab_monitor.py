@@ -20,6 +20,11 @@ def plot_id(title: str) -> str:
     return "plot-" + title.split()[0].strip(",").lower()
 
 
+def plot_value(frame):
+    """None for no data: a LinePlot that first gets an empty frame does not draw the lines that come later."""
+    return None if frame.empty else frame
+
+
 def build(ctx, run_select: gr.Dropdown, timer: gr.Timer) -> None:
     seen = gr.State({})
     status = gr.HTML(status_html(None), elem_id="run-status")
@@ -57,7 +62,7 @@ def build(ctx, run_select: gr.Dropdown, timer: gr.Timer) -> None:
         error = (gr.skip() if same_run and last.get("error") == s.error else
                  gr.update(value=s.error, visible=bool(s.error)))
         curves = ([gr.skip()] * len(plots) if same_run and last.get("n") == state["n"] else
-                  [curve_frame(events, series) for series in PLOTS.values()])
+                  [plot_value(curve_frame(events, series)) for series in PLOTS.values()])
         log = gr.skip() if same_run and last.get("log") == state["log"] else log_tail(log_path)
         state["buttons"] = list(state["buttons"])
         return [status_html(s), *buttons, error, *curves, log, state]

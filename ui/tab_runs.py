@@ -1,10 +1,14 @@
 """Runs tab: every run with its recipe, status and last metrics; two runs' curves side by side."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from .monitor import compare_frame, events_of, metric_keys
+from .process import LAUNCH_RECIPE
 from .runs import RUNS_COLUMNS, runs_table, summarize
+from .tab_monitor import plot_value
 
 DEFAULT_METRIC = "reward/mean"
 
@@ -14,6 +18,8 @@ def build(ctx, run_select: gr.Dropdown) -> None:
         refresh = gr.Button("Refresh", elem_id="runs-refresh", scale=0)
         note = gr.Markdown("Click a row to select that run for Monitor, Tokens, Export and Try.")
     table = gr.Dataframe(headers=RUNS_COLUMNS, interactive=False, wrap=True, elem_id="runs-table")
+    with gr.Accordion("Recipe of the selected run", open=False):
+        recipe_box = gr.Code(language="yaml", lines=10, max_lines=30, interactive=False, elem_id="run-recipe")
     gr.Markdown("### Compare two runs")
     with gr.Row():
         run_a = gr.Dropdown(label="Run A", elem_id="compare-a")
@@ -21,6 +27,7 @@ def build(ctx, run_select: gr.Dropdown) -> None:
         metric = gr.Dropdown(choices=[DEFAULT_METRIC], value=DEFAULT_METRIC, label="Metric", allow_custom_value=True,
                              elem_id="compare-metric")
     plot = gr.LinePlot(x="step", y="value", color="series", height=300, x_title="step", y_title="",
+                       x_axis_format="d", y_axis_format=".3~g",
                        elem_id="compare-plot")
 
     def refresh_table(a: str | None, b: str | None):
@@ -39,7 +46,7 @@ def build(ctx, run_select: gr.Dropdown) -> None:
         runs = [(f"A: {ctx.name_of(a)}", events_of(a))] if a else []
         if b and b != a:
             runs.append((f"B: {ctx.name_of(b)}", events_of(b)))
-        return compare_frame(runs, key or DEFAULT_METRIC)
+        return plot_value(compare_frame(runs, key or DEFAULT_METRIC))
 
     def select_row(rows, evt: gr.SelectData):
         try:
@@ -48,6 +55,14 @@ def build(ctx, run_select: gr.Dropdown) -> None:
         except (IndexError, KeyError, TypeError):
             return gr.skip()
 
+    def show_recipe(run_path: str | None) -> str:
+        for name in (LAUNCH_RECIPE, "recipe.yaml"):
+            path = Path(run_path or "") / name
+            if run_path and path.is_file():
+                return f"# {path}\n" + path.read_text(encoding="utf-8")
+        return ""
+
+    run_select.change(show_recipe, run_select, recipe_box)
     refresh.click(refresh_table, [run_a, run_b], [table, run_a, run_b, metric]).then(
         compare, [run_a, run_b, metric], plot)
     gr.on([run_a.input, run_b.input, metric.input], compare, [run_a, run_b, metric], plot)

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from .monitor import events_of
+from .monitor import events_of, tail_of
 from .tokens import COLOR_MAP, MODES, sample_header, shade_caption, token_events, token_highlights
 
 
@@ -28,10 +28,10 @@ def load_image(run_path: str, rel: str | None) -> Image.Image | None:
 def render(run_path: str | None, index: int, mode: str, sample_index: int) -> list:
     """[step label, sample choices, image, header, highlights, caption, raw response] for one tokens event."""
     events = token_events(events_of(run_path)) if run_path else []
-    if not events:
+    event = tail_of(run_path).load_full(events[max(0, min(int(index), len(events) - 1))]) if events else None
+    if event is None or not event.get("samples"):
         return ["no token events yet (the run writes them every `train.tokens_every` steps)",
                 gr.update(choices=[], value=None), None, "", [], "", ""]
-    event = events[max(0, min(int(index), len(events) - 1))]
     samples = event["samples"]
     k = max(0, min(int(sample_index or 0), len(samples) - 1))
     sample = samples[k]
@@ -84,8 +84,8 @@ def build(ctx, run_select: gr.Dropdown, timer: gr.Timer) -> None:
 
     timer.tick(tick, [run_select, follow, step_slider, mode, sample_pick, seen], [step_slider, *view_outputs, seen],
                show_progress="hidden", concurrency_limit=4)
-    step_slider.release(on_slide, [run_select, step_slider, mode, sample_pick], [follow, *view_outputs],
-                        show_progress="hidden")
+    gr.on([step_slider.release, step_slider.input], on_slide, [run_select, step_slider, mode, sample_pick],
+          [follow, *view_outputs], show_progress="hidden", trigger_mode="always_last")
     gr.on([mode.input, sample_pick.input], on_change, [run_select, step_slider, mode, sample_pick], view_outputs,
           show_progress="hidden")
     run_select.change(lambda: {}, None, seen)

@@ -6,7 +6,7 @@ import gradio as gr
 from lite_srpo.errors import LiteSrpoError
 
 from .infer import BASE, ask, model_choices
-from .tokens import COLOR_MAP
+from .tokens import ROLE_COLOR_MAP
 
 
 def build(ctx, run_select: gr.Dropdown) -> None:
@@ -21,7 +21,7 @@ def build(ctx, run_select: gr.Dropdown) -> None:
             ask_btn = gr.Button("Ask", variant="primary", elem_id="try-btn")
             status = gr.Markdown(elem_id="try-status")
     answer = gr.Markdown(elem_id="try-answer")
-    tokens = gr.HighlightedText(label="Response tokens by role", color_map=COLOR_MAP, show_legend=True,
+    tokens = gr.HighlightedText(label="Response tokens by role", color_map=ROLE_COLOR_MAP, show_legend=True,
                                 show_inline_category=False, elem_id="try-tokens")
     raw = gr.Textbox(label="Raw response", lines=4, interactive=False, elem_id="try-raw")
 

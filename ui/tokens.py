@@ -22,6 +22,7 @@ def shade_label(role: str, bucket: int) -> str:
 
 COLOR_MAP: dict[str, str] = {shade_label(role, b + 1): colours[b] for role, colours in _PALETTE.items()
                              for b in range(SHADES)}
+ROLE_COLOR_MAP: dict[str, str] = {role: colours[2] for role, colours in _PALETTE.items()}  # role only, no shade
 
 
 def role_name(role: Any) -> str:
@@ -82,7 +83,8 @@ def shade_caption(tokens: list[dict], mode: str) -> str:
 
 
 def token_events(events: list[dict]) -> list[dict]:
-    return [e for e in events if e.get("type") == "tokens" and e.get("samples")]
+    """The `tokens` events (full or the tail's stubs) that carry at least one sample."""
+    return [e for e in events if e.get("type") == "tokens" and (e.get("samples") or e.get("n_samples"))]
 
 
 def sample_header(event: dict, sample: dict) -> str:

@@ -40,7 +40,12 @@ def status_html(s: RunSummary | None) -> str:
 
 
 def run_choices(summaries: list[RunSummary]) -> list[tuple[str, str]]:
-    return [(s.label, str(s.path)) for s in summaries]
+    """(label, path): the run name, plus its parent directory when two roots hold the same name.
+
+    No status in the label: it would go stale; the status block shows it live.
+    """
+    names = [s.name for s in summaries]
+    return [(s.name if names.count(s.name) == 1 else f"{s.name} ({s.path.parent})", str(s.path)) for s in summaries]
 
 
 def pick_default(summaries: list[RunSummary], current: str | None) -> str | None:
@@ -54,18 +59,17 @@ def pick_default(summaries: list[RunSummary], current: str | None) -> str | None
     return paths[0] if paths else None
 
 
-def plan_markdown(plan: dict, prefix: str = "") -> str:
-    """Any dict the memory planner returns, as 'key: value' lines (numbers with 2 decimals)."""
-    lines = []
-    for k, v in plan.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            lines.append(plan_markdown(v, key + "."))
-        elif isinstance(v, float):
-            lines.append(f"- **{key}**: {v:.2f}")
+def plan_as_markdown(text: str) -> str:
+    """The planner's text report: table rows stay a table, every other line keeps its own line."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            out.append(line)
+        elif line:
+            out.append(line + "  ")  # markdown hard line break
         else:
-            lines.append(f"- **{key}**: {v}")
-    return "\n".join(line for line in lines if line)
+            out.append("")
+    return "\n".join(out)
 
 
 def short_path(path: str | Path) -> str:

@@ -1,0 +1,160 @@
+"""The benchmark scripts run on minimal configurations and write well-formed results.
+
+Fast tests run each script's `main` with its workers called in this process (the fresh-process
+runner is replaced by a JSON round trip, so the worker code is still what runs); one test goes
+through a real child process. The figures themselves come from running the benches, not from here.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import common
+from bench.common import GIB, table
+
+TINY = {"vocab": 4096, "hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "kv_heads": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_bench_model(tmp_path_factory):
+    return str(common.build_bench_model(tmp_path_factory.mktemp("bench") / "model", **TINY))
+
+
+@pytest.fixture
+def in_process(monkeypatch, tiny_bench_model):
+    """Run workers in this process; every script builds its bench model at the tiny dims."""
+    from bench import gpu_7b, memory_scaling, planner_accuracy, srpo_overhead, vs_trl
+
+    workers = {"bench.memory_scaling": common.lite_step_job, "bench.planner_accuracy": common.lite_step_job,
+               "bench.vs_trl": vs_trl.run_job, "bench.srpo_overhead": srpo_overhead.overhead_job,
+               "bench.gpu_7b": gpu_7b.run_job}
+
+    def run(module, job, timeout=0, env=None):
+        return json.loads(json.dumps(workers[module](job)))
+
+    for mod in (memory_scaling, planner_accuracy, srpo_overhead, vs_trl, gpu_7b):
+        monkeypatch.setattr(mod, "measure_in_subprocess", run)
+    for mod in (memory_scaling, srpo_overhead, vs_trl):
+        monkeypatch.setattr(mod, "build_bench_model", lambda **kw: tiny_bench_model)
+    return tiny_bench_model
+
+
+def read(path):
+    data = json.loads(path.read_text())
+    assert data["machine"]["device"] and data["machine"]["torch"]
+    assert data["command"].startswith("python ")
+    return data
+
+
+def test_memory_scaling_minimal(in_process, tmp_path):
+    from bench import memory_scaling
+
+    assert memory_scaling.main(["--lengths", "8", "16", "--groups", "2", "--algos", "grpo", "--chunk", "16",
+                                "--results-dir", str(tmp_path), "--name", "ms"]) == 0
+    data = read(tmp_path / "ms.json")
+    assert [(r["G"], r["R"]) for r in data["rows"]] == [(2, 8), (2, 16)]
+    row = data["rows"][0]
+    assert 0.1 < row["peak_step_gib"] < 8 and row["prompt"] > 4
+    assert row["planned_gib"] > 0 and "plan_error" not in row
+    # a full [2 x 8, 4096] fp32 logits tensor: 2 * 8 * 4096 * 4 B
+    assert row["full_logits_gib"] == pytest.approx(2 * 8 * 4096 * 4 / GIB)
+    assert data["growth"][0]["from_R"] == 8 and data["growth"][0]["to_R"] == 16
+
+
+def test_memory_scaling_sweep_and_slopes():
+    from bench.memory_scaling import slopes, sweep_points
+
+    assert sweep_points([256, 512], [2, 4, 8], base_g=2, base_len=256) == [(2, 256), (2, 512), (4, 256), (8, 256)]
+    rows = [{"algo": "grpo", "G": 2, "R": 256, "peak_step_gib": 1.0}, {"algo": "grpo", "G": 2, "R": 1280,
+                                                                      "peak_step_gib": 1.5}]
+    s = slopes(rows, "grpo", 2)
+    # 0.5 GiB over 1024 more tokens x 2 responses = 256 KiB per response token
+    assert s["growth_kib_per_response_token"] == pytest.approx(256.0)
+
+
+def test_planner_accuracy_minimal(in_process, tmp_path, monkeypatch):
+    from bench import planner_accuracy
+
+    small = [("quick_grpo", TINY, {"algo": "grpo", "G": 2, "R": 8, "chunk": 16})]
+    monkeypatch.setattr(planner_accuracy, "QUICK", small)
+    monkeypatch.setattr(planner_accuracy, "build_bench_model", lambda **kw: in_process)
+    assert planner_accuracy.main(["--quick", "--results-dir", str(tmp_path), "--name", "pa"]) == 0
+    data = read(tmp_path / "pa.json")
+    row = data["rows"][0]
+    assert row["config"] == "quick_grpo" and row["predicted_phase"] in ("generation", "passes", "update")
+    assert row["error_pct"] == pytest.approx(100 * (row["predicted_gib"] - row["measured_gib"]) / row["measured_gib"])
+    assert data["configs"] == 1 and data["target_pct"] == 15
+
+
+def test_srpo_overhead_minimal(in_process, tmp_path):
+    from bench import srpo_overhead
+
+    assert srpo_overhead.main(["--quick", "--variants", "srpo", "--results-dir", str(tmp_path), "--name", "so"]) == 0
+    data = read(tmp_path / "so.json")
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"grpo", "srpo"} and rows["grpo"]["step_vs_grpo"] == 1.0
+    # SRPO runs the corrupted-image and perception-removed passes; GRPO (beta 0) none
+    assert rows["srpo"]["extra_passes_s"] > 0 and rows["grpo"]["extra_passes_s"] == 0
+    assert rows["srpo"]["step_s"] == pytest.approx(rows["srpo"]["generation_s"] + rows["srpo"]["own_s"])
+
+
+@pytest.mark.slow
+def test_vs_trl_minimal(in_process, tmp_path):
+    from bench import vs_trl
+
+    assert vs_trl.main(["--quick", "--results-dir", str(tmp_path), "--name", "vt"]) == 0
+    data = read(tmp_path / "vt.json")
+    systems = {r["system"] for r in data["rows"]}
+    assert systems == {"lite-srpo (chunk 16)", "TRL GRPOTrainer"}
+    s = data["summary"][0]
+    assert s["memory_ratio"] == pytest.approx(s["peak_gib"] / s["trl_peak_gib"])
+    assert data["rows"][1]["trl_adapter_dtypes"]
+
+
+@pytest.mark.slow
+def test_gpu_7b_dry_run(in_process, tmp_path, monkeypatch):
+    from bench import gpu_7b
+
+    monkeypatch.setenv("LITE_SRPO_GPU_MODELS", str(tmp_path / "models"))
+    monkeypatch.setattr(gpu_7b, "DRY_RUN", {**gpu_7b.DRY_RUN, "prompt_tokens": 200, "R": 8})
+    monkeypatch.setattr(gpu_7b, "DRY_LADDER", [8, 16])
+    assert gpu_7b.main(["--dry-run", "--results-dir", str(tmp_path)]) == 0
+    data = json.loads(next(tmp_path.glob("gpu_tiny_*_dryrun.json")).read_text())
+    assert data["ours"]["fits"] and data["ours"]["prompt_tokens"] == 200
+    assert data["trl"]["target"]["fits"]
+    assert data["max_length"]["largest_fitting_R"] == 16
+    assert data["peak_allocated_gib"] is None  # CPU dry run: no CUDA figure
+
+
+def test_gpu_7b_shapes_are_the_published_configs():
+    from bench.gpu_7b import SHAPES
+    from lite_srpo.memory import dims_from_config
+
+    for shape, total in (("7b", 8.29e9), ("3b", 3.75e9)):
+        s = SHAPES[shape]
+        config = {"model_type": "qwen2_5_vl", "tie_word_embeddings": s["tie"], "text_config": s["text"],
+                  "vision_config": {**s["vision"], "out_hidden_size": s["text"]["hidden_size"], "in_channels": 3}}
+        assert dims_from_config(config).total_params == pytest.approx(total, rel=0.01)
+
+
+def test_bench_samples_pad_prompts_to_the_target(tiny_bench_model):
+    from lite_srpo.processors import load_processor
+
+    processor = load_processor(tiny_bench_model)
+    samples = common.bench_samples(processor, 2, 112, prompt_tokens=300)
+    assert [common.prompt_length(processor, s) for s in samples] == [300, 300]
+
+
+def test_fresh_process_runner_reports_failures_instead_of_raising():
+    res = common.measure_in_subprocess("bench.memory_scaling", {"model": "/nonexistent", "algo": "grpo", "G": 2,
+                                                                 "R": 4})
+    assert "error" in res and res["job"]["model"] == "/nonexistent"
+
+
+def test_table_and_result_file(tmp_path):
+    text = table([{"a": 1, "b": 0.123456}, {"a": 22}], ["a", "b"])
+    assert text.splitlines()[0] == "| a  | b     |" and "| 22 |       |" in text
+    path = common.write_result("x", {"rows": [1]}, tmp_path)
+    data = json.loads(path.read_text())
+    assert data["benchmark"] == "x" and data["rows"] == [1] and "torch" in data["machine"]
