@@ -61,10 +61,6 @@ def _is_complete(path: Path) -> bool:
     return (path / STATE_FILE).is_file() and (path / ADAPTER_DIR / ADAPTER_WEIGHTS).is_file()
 
 
-def _step_of(path: Path) -> int:
-    return int(_NAME.match(path.name).group("step"))
-
-
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first. A step whose re-save was interrupted mid-swap is listed under
     its `.old-` name, so it is never lost."""
@@ -162,7 +158,8 @@ def _publish(tmp: Path, final: Path) -> None:
 def _recover_swaps(root: Path) -> None:
     """Finish a re-save that a kill interrupted between its two renames."""
     for old in root.glob(".old-step_*"):
-        final = root / f"step_{_step_of(old):06d}" if _NAME.match(old.name) else None
+        match = _NAME.match(old.name)
+        final = root / f"step_{int(match.group('step')):06d}" if match else None
         if final is not None and not _is_complete(final) and _is_complete(old):
             if final.exists():
                 _discard(final)

@@ -92,10 +92,12 @@ def _delegate(module: str, function: str):
     def run(a: argparse.Namespace) -> int:
         import importlib
 
-        return getattr(importlib.import_module(module), function)(a.args)
+        args = a.args[1:] if a.args[:1] == ["--"] else a.args
+        return getattr(importlib.import_module(module), function)(args)
     return add, run
 
 
+DELEGATED = {"export", "eval", "plan"}
 command("export", "export a run/checkpoint: --mode adapter|merged --out DIR (see lite-srpo export -h)")(
     lambda: _delegate("lite_srpo.export", "export_main"))
 command("eval", "evaluate a model/run/checkpoint under a named protocol (see lite-srpo eval -h)")(
@@ -128,13 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help_text) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        # delegated commands parse their own arguments, -h included
+        add_args(sub.add_parser(name, help=help_text, description=help_text, add_help=name not in DELEGATED))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:  # these parse their own arguments (-h included)
+        argv = [argv[0], "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -145,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except LiteSrpoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from .events import EventWriter
 from .modeling import PolicyModel, load_policy
 from .objectives import grpo
 from .optim import build_optimizer, build_scheduler
-from .passes import micro_batches, rows_logprobs, run_passes
+from .passes import rows_logprobs, run_passes
+from .preflight import check_disk_space, check_output_dir, checkpoint_bytes
 from .progress import Progress
 from .prompts import ResponseFormat, token_roles
 from .rewards import compute_rewards
@@ -110,7 +111,7 @@ def response_format(cfg: RunConfig) -> ResponseFormat:
 def setup(cfg: RunConfig, resume: bool = False) -> Run:
     """Data, model, optimizer, scheduler, event stream; restores the last checkpoint when resuming."""
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(run_dir)  # unwritable or full disk: a clear error before anything loads
     events = EventWriter(run_dir / "events.jsonl")
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume and last is None:
@@ -120,6 +121,8 @@ def setup(cfg: RunConfig, resume: bool = False) -> Run:
     policy = load_policy(cfg.model, cfg.lora)
     optimizer = build_optimizer(policy.trainable_parameters(), cfg.optim, policy.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    n_trainable = sum(p.numel() for p in policy.trainable_parameters())
+    check_disk_space(run_dir, checkpoint_bytes(n_trainable, optimizer), cfg.train.keep_last)
     run = Run(cfg=cfg, policy=policy, optimizer=optimizer, scheduler=scheduler, train_set=train_set,
               test_set=test_set, fmt=response_format(cfg), spec=ALGORITHM_SPECS[cfg.algorithm.name], events=events,
               micro_batch=cfg.train.micro_batch_size, generation_batch=cfg.rollout.generation_batch_size)

@@ -33,13 +33,15 @@ def tiny_factory(tmp_path_factory):
     return make
 
 
-@pytest.fixture(autouse=True)
-def length_reward(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def length_reward():
     """A reward that varies on a random tiny model (accuracy is ~always 0 there), so updates are non-zero.
-    Registered the way a user adds a reward: a plain function in the registry."""
+    Registered the way a user adds a reward: a plain function in the registry (in-process only)."""
     from lite_srpo import rewards
 
-    monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "test_length", lambda response, sample, fmt: len(response) / 50.0)
+    rewards.REWARD_FUNCTIONS["test_length"] = lambda response, sample, fmt: len(response) / 50.0
+    yield
+    rewards.REWARD_FUNCTIONS.pop("test_length", None)
 
 
 def tiny_recipe(model_path, run_root, **overrides) -> dict:

@@ -4,6 +4,7 @@ import copy
 import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,6 @@ def write_half_state(path, state):
 
 
 def delete_adapter_only(path):
-    import shutil
-
     shutil.rmtree(path / "adapter")
 
 

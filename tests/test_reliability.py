@@ -3,7 +3,6 @@ training subprocess, then exact resume; injected NaN/inf, out-of-memory and disk
 prompts; pre-flight checks of the output directory; and the loaders that must not run code."""
 import errno
 import hashlib
-import json
 import os
 import random
 import signal
@@ -23,8 +22,8 @@ from lite_srpo import checkpoint as ckpt
 from lite_srpo import preflight
 from lite_srpo import train as train_mod
 from lite_srpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state, restore
-from lite_srpo.config import ConfigError, config_from_dict, load_config
-from lite_srpo.errors import LiteSrpoError
+from lite_srpo.config import config_from_dict, load_config
+from lite_srpo.errors import ConfigError, LiteSrpoError
 from lite_srpo.events import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +148,7 @@ def test_kill9_and_signals_then_resume_matches_an_uninterrupted_run(tiny_qwen, t
     event log must hold each step exactly once.
 
     1. kill -9 mid-save (adapter written, trainer state not);  2. kill -9 at a random moment after a
-    step;  3. SIGINT: finish the step, checkpoint, exit 0;  4. SIGTERM twice while a save is in
+    step;  3. SIGTERM: finish the step, checkpoint, exit 0;  4. SIGINT then SIGTERM while a save is in
     progress: stop at once, previous checkpoint intact;  5. resume to the end.
     """
     from lite_srpo.modeling import load_policy
@@ -207,33 +206,34 @@ def test_kill9_and_signals_then_resume_matches_an_uninterrupted_run(tiny_qwen, t
     c.kill9()
     assert restorable() in (1, 2), f"delay {delay:.2f} s"
 
-    # 3. SIGINT: the step finishes, a checkpoint is written, exit 0 with a message
+    # 3. SIGTERM: the step finishes, a checkpoint is written, exit 0 with a message
     c = Child(script, run_recipe, "--resume", log=tmp_path / "r3.log")
     children.append(c)
     c.wait_for(lambda: metrics_of(run_dir, c.started), "a resumed step")
-    c.proc.send_signal(signal.SIGINT)
+    c.proc.send_signal(signal.SIGTERM)
     assert c.wait_exit() == 0, c.output()[-3000:]
     stopped = int(metrics_of(run_dir)[-1]["step"])
-    assert "stop requested (SIGINT)" in c.output() and f"stopped at step {stopped}" in c.output()
+    assert "stop requested (SIGTERM)" in c.output() and f"stopped at step {stopped}" in c.output()
     status = [e for e in read_events(run_dir / "events.jsonl") if e["type"] == "status"][-1]
     assert status["status"] == "stopped" and status["step"] == stopped
     assert restorable() == stopped < steps
     assert [m["step"] for m in metrics_of(run_dir)] == list(range(1, stopped + 1))
 
-    # 4. SIGTERM twice while the next save is in progress: out at once, the last checkpoint intact
+    # 4. SIGINT, then SIGTERM while the next save is in progress: out at once, the last checkpoint intact
     before = latest_checkpoint(run_dir)
     before_hash = tree_hash(before)
     mark.unlink()
     c = Child(script, run_recipe, "--resume", log=tmp_path / "r4.log", PAUSE_AT="_write_state:1", PAUSE_MARK=str(mark))
     children.append(c)
     c.wait_for(mark.exists, "a save to start")
-    c.proc.send_signal(signal.SIGTERM)
+    c.proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     assert c.proc.poll() is None, "the first signal must let the step and its save finish"
     c.proc.send_signal(signal.SIGTERM)
     t0 = time.time()
     assert c.wait_exit(timeout=60) != 0
     assert time.time() - t0 < 30, "the second signal must stop at once (the save was blocked for 600 s)"
+    assert "stop requested (SIGINT)" in c.output()
     assert latest_checkpoint(run_dir) == before and tree_hash(before) == before_hash
     status = [e for e in read_events(run_dir / "events.jsonl") if e["type"] == "status"][-1]
     assert status["status"] == "stopped" and "interrupted" in status["message"]

@@ -109,7 +109,7 @@ def summarize(run_dir: str | Path, now: float | None = None) -> RunSummary:
             s.status, s.message = "starting", "loading data and model"
         return s
     if record is None and s.status in ACTIVE and now - updated < EXTERNAL_STALE_S:
-        s.status, s.message = "running", "running outside the UI (started from the command line)"
+        s.status, s.message = "running", "running outside the UI (started from the command line: stop it there with Ctrl-C)"
         s.alive = True
         return s
     if s.status in ACTIVE or (record is not None and s.status == "created"):

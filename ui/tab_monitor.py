@@ -54,10 +54,11 @@ def build(ctx, run_select: gr.Dropdown, timer: gr.Timer) -> None:
         events = events_of(run_path)
         log_path = Path(run_path) / LOG_FILE
         state = {"run": run_path, "n": len(events), "log": log_path.stat().st_size if log_path.exists() else 0,
-                 "buttons": (s.alive, s.status == "stopping", s.resumable), "error": s.error}
+                 "buttons": (s.alive, s.pid is not None, s.status == "stopping", s.resumable), "error": s.error}
         same_run = last.get("run") == run_path
         buttons = ([gr.skip()] * 3 if same_run and last.get("buttons") == list(state["buttons"]) else
-                   [gr.update(interactive=s.alive and s.status != "stopping"), gr.update(interactive=s.alive),
+                   [gr.update(interactive=s.alive and s.pid is not None and s.status != "stopping"),
+                    gr.update(interactive=s.alive and s.pid is not None),
                     gr.update(interactive=s.resumable)])
         error = (gr.skip() if same_run and last.get("error") == s.error else
                  gr.update(value=s.error, visible=bool(s.error)))
