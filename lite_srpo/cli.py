@@ -109,19 +109,14 @@ command("plan", "predict a recipe's peak memory on a GPU before launch (see lite
 @command("ui", "start the Gradio UI on 127.0.0.1")
 def _ui():
     def add(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=7860)
-        p.add_argument("--share", action="store_true", help="public Gradio link (needs --auth)")
-        p.add_argument("--auth", default=None, help="user:password (required for --share or a non-local --host)")
-        p.add_argument("--runs-dir", default="runs")
-        p.add_argument("--recipes-dir", default="recipes")
+        from .ui_launch import add_arguments
+
+        add_arguments(p)
 
     def run(a: argparse.Namespace) -> int:
-        from .ui_launch import launch
+        from .ui_launch import run_from_args
 
-        auth = tuple(a.auth.split(":", 1)) if a.auth else None
-        launch(host=a.host, port=a.port, share=a.share, auth=auth, runs_dir=a.runs_dir, recipes_dir=a.recipes_dir)
-        return 0
+        return run_from_args(a)
     return add, run
 
 
