@@ -55,7 +55,7 @@ def run_compare(recipe: str | None = None, overrides: list[str] | None = None,
     for algorithm in arms:
         cfg_arm = arm_config(base, algorithm, root)
         t0 = time.perf_counter()
-        run = train(cfg_arm, quiet=True)
+        run = train(cfg_arm, quiet=True, overwrite=True)
         wall = time.perf_counter() - t0
         result = held_out(run.policy, cfg_arm, test_set)
         per_step, extra = step_times(run.run_dir)

@@ -41,7 +41,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None) -> d
 
     t0 = time.perf_counter()
     print(f"[demo] RL: {rl_cfg.algorithm.name}, {rl_cfg.train.steps} steps, G={rl_cfg.rollout.group_size}")
-    run = train(rl_cfg)
+    run = train(rl_cfg, overwrite=True)
     t_rl = time.perf_counter() - t0
     after = held_out(run.policy, rl_cfg, test_set)
 

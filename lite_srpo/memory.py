@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -309,7 +310,7 @@ def image_tokens(dims: ModelDims, height: int, width: int) -> int:
 @dataclass
 class Term:
     name: str
-    phase: str  # fixed | generation | passes | update | load
+    phase: str  # fixed | generation | passes | update
     gib: float
     how: str
 
@@ -373,6 +374,11 @@ def _phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, grou
     if quant:
         add("weights: LLM linears (NF4 + double quant)", "fixed", dims.llm_linear_params * NF4_DQ_BYTES_PER_PARAM,
             f"{dims.llm_linear_params / 1e9:.3f}B x 4.127 bit")
+        if device == "cpu":
+            # the checkpoint stays memory-mapped (the unquantized tensors point into it), so the file pages
+            # read while quantizing stay resident (measured)
+            add("checkpoint pages read while quantizing", "fixed", dims.llm_linear_params * dims.checkpoint_bytes,
+                f"{dims.llm_linear_params / 1e9:.3f}B x {dims.checkpoint_bytes} B (memory-mapped file)")
     else:
         add("weights: LLM linears", "fixed", dims.llm_linear_params * b, f"{dims.llm_linear_params / 1e9:.3f}B x {b} B")
     # On CPU an unconverted table stays memory-mapped, but page-fault read-around pulls in ~128 KiB per
@@ -568,7 +574,7 @@ def plan_main(argv: list[str] | None = None) -> int:
         budget = parse_memory(a.gpu_mem) if a.gpu_mem is not None else (24.0 if device == "cuda" else _ram_gib())
         result = plan(cfg, budget, device=device, prompt_tokens=a.prompt_tokens)
     except LiteSrpoError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if a.json else f"lite-srpo plan {a.recipe}\n" + format_plan(result))
     return 0 if result["fits"] else 1

@@ -108,10 +108,25 @@ def response_format(cfg: RunConfig) -> ResponseFormat:
                           template=cfg.data.template)
 
 
-def setup(cfg: RunConfig, resume: bool = False) -> Run:
+def clear_run(run_dir: Path) -> None:
+    """Remove a previous run's RL state (checkpoints, events, images); a warm-up model stays."""
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / "images", ignore_errors=True)
+    (run_dir / "events.jsonl").unlink(missing_ok=True)
+
+
+def setup(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Run:
     """Data, model, optimizer, scheduler, event stream; restores the last checkpoint when resuming."""
     run_dir = cfg.run_dir
     check_output_dir(run_dir)  # unwritable or full disk: a clear error before anything loads
+    if not resume:
+        previous = ckpt.latest_checkpoint(run_dir)
+        if previous is not None and not overwrite:
+            raise LiteSrpoError(f"{run_dir} already holds a run (last checkpoint {previous.name}): continue it with "
+                                "--resume, or pick another `name` / `output_dir`")
+        clear_run(run_dir)
     events = EventWriter(run_dir / "events.jsonl")
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume and last is None:
@@ -384,9 +399,10 @@ def save(run: Run, step: int) -> Path:
     return path
 
 
-def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: bool = False) -> Run:
+def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: bool = False,
+          overwrite: bool = False) -> Run:
     """Run RL steps until `train.steps`, a stop signal, or too many non-finite updates."""
-    run = run or setup(cfg, resume)
+    run = run or setup(cfg, resume, overwrite)
     run.events.write("status", run.start_step, status="running", total_steps=cfg.train.steps,
                      config=config_to_dict(cfg), message=f"{cfg.algorithm.name} on {cfg.model.path}")
     progress = Progress(cfg.train.steps, start=run.start_step, quiet=quiet)
@@ -405,10 +421,8 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
                     run.events.write("warning", step, message="non-finite loss or gradient: update skipped")
                 if run.nonfinite_streak >= cfg.train.max_consecutive_nonfinite:
                     save(run, step)
-                    msg = (f"{run.nonfinite_streak} consecutive non-finite updates: stopping. The checkpoint holds the "
-                           "weights from before the fault; lower optim.lr or check the data.")
-                    run.events.write("status", step, status="crashed", message=msg)
-                    raise LiteSrpoError(msg)
+                    raise LiteSrpoError(f"{run.nonfinite_streak} consecutive non-finite updates: stopping. The "
+                                        "checkpoint holds the weights from before the fault; lower optim.lr or check the data.")
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                     periodic_eval(run, step)
                 if stop.requested:
@@ -422,7 +436,11 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
             run.events.write("status", step, status="stopped",
                              message=f"interrupted during step {step}; last checkpoint is step {saved_step}")
             raise
-        except LiteSrpoError:
+        except LiteSrpoError as exc:
+            try:
+                run.events.write("status", step, status="crashed", message=str(exc))
+            except OSError:
+                pass  # e.g. the disk is full: the error itself says so
             raise
         except Exception as exc:
             run.events.write("status", step, status="crashed", message=f"{type(exc).__name__}: {exc}")

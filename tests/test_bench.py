@@ -50,8 +50,8 @@ def read(path):
 def test_memory_scaling_minimal(in_process, tmp_path):
     from bench import memory_scaling
 
-    assert memory_scaling.main(["--lengths", "8", "16", "--groups", "2", "--algos", "grpo", "--chunk", "16",
-                                "--results-dir", str(tmp_path), "--name", "ms"]) == 0
+    assert memory_scaling.main(["--lengths", "8", "16", "--groups", "2", "--base-length", "8", "--algos", "grpo",
+                                "--chunk", "16", "--results-dir", str(tmp_path), "--name", "ms"]) == 0
     data = read(tmp_path / "ms.json")
     assert [(r["G"], r["R"]) for r in data["rows"]] == [(2, 8), (2, 16)]
     row = data["rows"][0]
@@ -146,6 +146,7 @@ def test_bench_samples_pad_prompts_to_the_target(tiny_bench_model):
     assert [common.prompt_length(processor, s) for s in samples] == [300, 300]
 
 
+@pytest.mark.slow
 def test_fresh_process_runner_reports_failures_instead_of_raising():
     res = common.measure_in_subprocess("bench.memory_scaling", {"model": "/nonexistent", "algo": "grpo", "G": 2,
                                                                  "R": 4})

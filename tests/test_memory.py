@@ -199,7 +199,7 @@ def test_plan_main_exit_codes(capsys):
     assert plan_main([str(RECIPE_7B), "--gpu-mem", "8GiB"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert plan_main([str(RECIPE_7B), "rollout.group_size=1"]) == 2
-    assert "rollout.group_size" in capsys.readouterr().out
+    assert "rollout.group_size" in capsys.readouterr().err
 
 
 def test_plan_main_json_and_overrides(capsys):
