@@ -268,10 +268,17 @@ def write_result(name: str, payload: dict, results_dir: str | Path | None = None
     out_dir = Path(results_dir) if results_dir else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     body = {"benchmark": name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + " ".join([_rel(sys.argv[0])] + sys.argv[1:]), "machine": machine_info(), **payload}
+            "command": command_line(), "machine": machine_info(), **payload}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def command_line() -> str:
+    """The command that produced this result, as a reader would type it (`python -m bench.x ...`)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = f"python -m {spec.name}" if spec is not None and spec.name else "python " + _rel(sys.argv[0])
+    return " ".join([head] + sys.argv[1:])
 
 
 def _rel(path: str) -> str:

@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (GIB, RESULTS_DIR, apply_cap, bench_samples, build_model, device_name, lite_step_job,
-                          machine_info, measure_in_subprocess, peak_gib, reset_peak, set_threads, step_recipe, table,
-                          worker_main)
+from bench.common import (GIB, RESULTS_DIR, apply_cap, bench_samples, build_model, command_line, device_name,
+                          lite_step_job, machine_info, measure_in_subprocess, peak_gib, reset_peak, set_threads,
+                          step_recipe, table, worker_main)
 
 # Published config.json of Qwen/Qwen2.5-VL-7B-Instruct and -3B-Instruct (the fields that shape the model).
 QWEN25_VL_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
@@ -242,8 +242,8 @@ def phase_trl(job: dict) -> dict:
 
 
 def phase_max_length(job: dict, device: str, dry: bool) -> dict:
-    res = measure_in_subprocess("bench.gpu_7b", {**job, "kind": "probe", "ladder": DRY_LADDER if dry else LENGTH_LADDER},
-                                timeout=3600)
+    ladder = DRY_LADDER if dry else LENGTH_LADDER
+    res = measure_in_subprocess("bench.gpu_7b", {**job, "kind": "probe", "ladder": ladder}, timeout=3600)
     if "error" in res:
         return {"error": res["error"]}
     out = {k: res[k] for k in ("attempts", "largest_fitting_R", "smallest_failing_R", "prompt_tokens")}
@@ -264,7 +264,7 @@ def save(path: Path, section: str, data: dict, settings: dict) -> None:
     """Merge one phase's section into the shape's result file (phases run in separate commands)."""
     body = json.loads(path.read_text()) if path.is_file() else {}
     body.update({"benchmark": "gpu_7b", "machine": machine_info(), "settings": settings,
-                 "command_" + section: "python -m bench.gpu_7b " + " ".join(sys.argv[1:])})
+                 "command_" + section: command_line()})
     body[section] = data
     if section == "ours" and data.get("fits"):
         body["peak_allocated_gib"] = data.get("peak_allocated_gib")
@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if "max-length" in phases:
         res = phase_max_length(job, device, a.dry_run)
         if "attempts" in res:
-            print(table(res["attempts"], ["R", "fits", "seconds"] + [k for k in res["attempts"][0] if k.startswith("peak")]))
+            peaks = [k for k in res["attempts"][0] if k.startswith("peak")]
+            print(table(res["attempts"], ["R", "fits", "seconds"] + peaks))
         print(f"max-length: largest fitting R = {res.get('largest_fitting_R')}")
         save(path, "max_length", res, meta)
     print(f"wrote {path}")

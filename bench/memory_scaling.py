@@ -12,11 +12,17 @@ grow only by the small per-token terms (activations, KV cache). Each point runs 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
 import sys
+from pathlib import Path
 
-from bench.common import GIB, build_bench_model, lite_step_job, measure_in_subprocess, table, worker_main, write_result
+from bench.common import (GIB, RESULTS_DIR, build_bench_model, lite_step_job, measure_in_subprocess, table, worker_main,
+                          write_result)
 
 FULL_LOGITS_BYTES_PER_TOKEN = 4  # one fp32 logit per vocabulary entry per token (before log-softmax/grad copies)
+COLUMNS = ["algo", "G", "R", "prompt", "peak_setup_gib", "peak_step_gib", "planned_gib", "planned_logits_gib",
+           "full_logits_gib", "step_s"]
 
 
 def sweep_points(lengths: list[int], groups: list[int], base_g: int, base_len: int) -> list[tuple[int, int]]:
@@ -96,7 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="memory_scaling", help="result file name (bench/results/NAME.json)")
     ap.add_argument("--results-dir", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sweep for smoke tests")
+    ap.add_argument("--replan", action="store_true",
+                    help="recompute the planner columns of the saved result with the current planner; no measuring")
     a = ap.parse_args(argv)
+    if a.replan:
+        path = Path(a.results_dir or RESULTS_DIR) / f"{a.name}.json"
+        data = json.loads(path.read_text())
+        data["rows"] = [add_plan(r) for r in data["rows"]]
+        data["replanned"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        print(table(data["rows"], COLUMNS))
+        print(f"rewrote {path}")
+        return 0
     if a.quick:
         a.lengths, a.groups, a.base_length, a.vocab, a.hidden = [8, 16], [2, 4], 8, 4096, 64
     model = a.model_dir or str(build_bench_model(vocab=a.vocab, hidden=a.hidden, intermediate=4 * a.hidden,
@@ -115,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {algo} G={g} R={r}: peak {rows[-1]['peak_step_gib']:.3f} GiB, {rows[-1]['step_s']:.1f} s",
                   flush=True)
     growth = [s for s in (slopes(rows, algo, a.base_group) for algo in a.algos) if s]
-    cols = ["algo", "G", "R", "prompt", "peak_setup_gib", "peak_step_gib", "planned_gib", "planned_logits_gib",
-            "full_logits_gib", "step_s"]
-    print(table(rows, cols))
+    print(table(rows, COLUMNS))
     if growth:
         print()
         print(table(growth, ["algo", "from_R", "to_R", "peak_growth_gib", "growth_kib_per_response_token"]))

@@ -12,10 +12,14 @@ wider, deeper model whose activations matter.
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
 import sys
 import tempfile
+from pathlib import Path
 
-from bench.common import build_bench_model, lite_step_job, measure_in_subprocess, step_recipe, table, worker_main, write_result
+from bench.common import (RESULTS_DIR, build_bench_model, lite_step_job, measure_in_subprocess, step_recipe, table,
+                          worker_main, write_result)
 
 TARGET = 0.15
 SMALL = {"hidden": 256, "intermediate": 1024, "layers": 2, "heads": 4, "kv_heads": 2}
@@ -61,6 +65,27 @@ def compare(name: str, res: dict) -> dict:
             "step_s": res["steps"][0]["time/step"], "job": res["job"]}
 
 
+def replan(path: Path) -> dict:
+    """Recompute the predictions of a saved result with the current planner (measurements unchanged)."""
+    data = json.loads(path.read_text())
+    device = "cuda" if data["machine"]["device"] != "cpu" else "cpu"
+    for row in data["rows"]:
+        p = predict(row["job"], row["prompt"], device)
+        row["predicted_gib"], row["predicted_phase"] = p["peak_gib"], p["peak_phase"]
+        row["error_pct"] = 100 * (p["peak_gib"] - row["measured_gib"]) / row["measured_gib"]
+    return data
+
+
+def summarise(rows: list[dict]) -> dict:
+    within = [abs(r["error_pct"]) <= 100 * TARGET for r in rows]
+    worst = max((abs(r["error_pct"]) for r in rows), default=float("nan"))
+    print(table(rows, ["config", "algo", "G", "R", "prompt", "chunk", "measured_gib", "predicted_gib",
+                       "predicted_phase", "error_pct", "setup_peak_gib", "step_s"]))
+    print(f"{sum(within)}/{len(rows)} within {100 * TARGET:.0f} %; worst |error| {worst:.1f} %")
+    return {"target_pct": 100 * TARGET, "within_target": sum(within), "configs": len(rows),
+            "worst_abs_error_pct": worst}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if worker_main(argv, lite_step_job):
@@ -71,7 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="planner_accuracy")
     ap.add_argument("--results-dir", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--replan", action="store_true",
+                    help="recompute the predictions of the saved result with the current planner; no measuring")
     a = ap.parse_args(argv)
+    if a.replan:
+        path = Path(a.results_dir or RESULTS_DIR) / f"{a.name}.json"
+        data = replan(path)
+        data.update(summarise(data["rows"]))
+        data["replanned"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"rewrote {path}")
+        return 0
     configs = QUICK if a.quick else CONFIGS
     if a.only:
         configs = [c for c in configs if c[0] in a.only]
@@ -88,14 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[-1]
         print(f"  {name}: measured {r['measured_gib']:.3f} GiB, predicted {r['predicted_gib']:.3f} GiB "
               f"({r['error_pct']:+.1f} %)", flush=True)
-    within = [abs(r["error_pct"]) <= 100 * TARGET for r in rows]
-    print(table(rows, ["config", "algo", "G", "R", "prompt", "chunk", "measured_gib", "predicted_gib",
-                       "predicted_phase", "error_pct", "setup_peak_gib", "step_s"]))
-    worst = max((abs(r["error_pct"]) for r in rows), default=float("nan"))
-    print(f"{sum(within)}/{len(rows)} within {100 * TARGET:.0f} %; worst |error| {worst:.1f} %")
     path = write_result(a.name, {
-        "target_pct": 100 * TARGET, "within_target": sum(within), "configs": len(rows), "worst_abs_error_pct": worst,
-        "rows": rows, "errors": errors,
+        **summarise(rows), "rows": rows, "errors": errors,
         "notes": ["measured_gib: the step's own peak (high-water mark reset after loading the model); "
                   "setup_peak_gib: peak while loading",
                   "CPU: peak RSS with fp32 compute; the planner's CPU model includes the process baseline"],

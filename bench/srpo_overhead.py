@@ -7,16 +7,18 @@ its own scoring and update time. All algorithms run with beta = 0 (no reference 
 dynamic sampling, so the difference is the algorithm's own passes; `grpo_beta0.01` shows what the
 reference-KL pass costs. Target: SRPO <= 1.35x GRPO (two extra no-grad passes).
 
-    python -m bench.srpo_overhead            # G=4, R=512 on the bench model (CPU: about 10 minutes)
+    python -m bench.srpo_overhead            # G=4, R=512 on the bench model, 3 repeats (CPU: about 10 minutes)
     python -m bench.srpo_overhead --quick    # smoke test
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
-from bench.common import build_bench_model, measure_in_subprocess, set_threads, step_recipe, table, worker_main, write_result
+from bench.common import (build_bench_model, measure_in_subprocess, set_threads, step_recipe, table, worker_main,
+                          write_result)
 
 TARGET = 1.35
 VARIANTS: dict[str, dict] = {
@@ -77,9 +79,10 @@ def summarise(res: dict) -> list[dict]:
     rows = []
     for variant in res["job"]["variants"]:
         recs = [r for r in res["records"] if r["variant"] == variant]
-        mean = {k: sum(r[k] for r in recs) / len(recs) for k in ("own_s", "passes_s", "extra_passes_s", "update_s",
-                                                                   "other_s")}
-        rows.append({"variant": variant, "generation_s": gen, **mean, "step_s": gen + mean["own_s"]})
+        # median over repeats: robust to a repeat slowed by other work on a shared machine
+        med = {k: statistics.median(r[k] for r in recs) for k in ("own_s", "passes_s", "extra_passes_s", "update_s",
+                                                                    "other_s")}
+        rows.append({"variant": variant, "generation_s": gen, **med, "step_s": gen + med["own_s"]})
     base = next(r for r in rows if r["variant"] == "grpo")
     for r in rows:
         r["step_vs_grpo"] = r["step_s"] / base["step_s"]
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="srpo_overhead")
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": ["generation is measured once and shared: every variant scores and updates the same rollouts",
                   "passes_s = all no-grad passes (old log-probs + the algorithm's extra passes); extra_passes_s "
                   "= the algorithm's extra passes only; other_s = prompts, rewards, roles, shaping",
-                  "each variant uses its preset (aggregation, clips) but beta = 0 and no dynamic sampling"],
+                  "each variant uses its preset (aggregation, clips) but beta = 0 and no dynamic sampling",
+                  "per-variant times are medians over the repeats (records holds every repeat)"],
     }, a.results_dir)
     print(f"wrote {path}")
     return 0

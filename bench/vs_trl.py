@@ -16,8 +16,8 @@ import argparse
 import sys
 import time
 
-from bench.common import (apply_cap, bench_samples, build_bench_model, current_gib, lite_step_job, measure_in_subprocess,
-                          peak_gib, reset_peak, set_threads, table, worker_main, write_result)
+from bench.common import (apply_cap, bench_samples, build_bench_model, current_gib, lite_step_job,
+                          measure_in_subprocess, peak_gib, reset_peak, set_threads, table, worker_main, write_result)
 
 TARGET_MEMORY_RATIO = 0.5
 TARGET_TIME_RATIO = 1.0

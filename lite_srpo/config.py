@@ -316,8 +316,11 @@ def _check_ranges(cfg: RunConfig) -> list[str]:
     return errs
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+def _yaml11_float(text: str) -> Any:
+    try:
+        return float(text) if text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity") else text
+    except ValueError:
+        return text
 
 
 def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
@@ -342,6 +345,8 @@ def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
         _, val_tp = typing.get_args(tp)
         return {k: _coerce(v, val_tp, f"{key}.{k}", errs) for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):
+            value = _yaml11_float(value)  # PyYAML reads `1e-5` (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errs.append(f"{key}: {value!r} should be a number")
             return value

@@ -76,6 +76,13 @@ def test_overrides_parse_yaml_scalars_and_reject_flags(tmp_path):
         parse_override("--steps=3")
 
 
+def test_exponent_without_dot_is_a_number(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(BASE) + "optim:\n  lr: 1e-5\n")
+    assert load_config(p, ["sft.lr=2e-3"]).optim.lr == 1e-5
+    assert load_config(p, ["sft.lr=2e-3"]).sft.lr == 2e-3
+
+
 def test_yaml_round_trip():
     c = cfg(algorithm={"name": "srpo"})
     again = config_from_dict(yaml.safe_load(dump_yaml(c)))
