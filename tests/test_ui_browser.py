@@ -169,7 +169,9 @@ def test_ui_launch_monitor_tokens_stop_resume(app, tmp_path):
             assert not page.locator("#token-follow input").is_checked()
             page.get_by_text("advantage", exact=True).click()
             page.wait_for_selector("#token-view .token.highlighted", timeout=10_000)
-            assert "advantage" in page.locator("#token-caption").inner_text()
+            # the caption re-renders after the click: wait for it rather than read it at once
+            page.wait_for_function("document.querySelector('#token-caption').innerText.includes('advantage')",
+                                   timeout=15_000)
 
             section(4)
 
