@@ -1,7 +1,7 @@
 """The benchmark scripts run on minimal configurations and write well-formed results.
 
-Fast tests run each script's `main` with its workers called in this process (the fresh-process
-runner is replaced by a JSON round trip, so the worker code is still what runs); one test goes
+Each script's `main` runs with its workers called in this process (the fresh-process runner is
+replaced by a JSON round trip, so the worker code is still what runs); one slow-marked test goes
 through a real child process. The figures themselves come from running the benches, not from here.
 """
 from __future__ import annotations
@@ -99,7 +99,6 @@ def test_srpo_overhead_minimal(in_process, tmp_path):
     assert rows["srpo"]["step_s"] == pytest.approx(rows["srpo"]["generation_s"] + rows["srpo"]["own_s"])
 
 
-@pytest.mark.slow
 def test_vs_trl_minimal(in_process, tmp_path):
     from bench import vs_trl
 
@@ -112,7 +111,6 @@ def test_vs_trl_minimal(in_process, tmp_path):
     assert data["rows"][1]["trl_adapter_dtypes"]
 
 
-@pytest.mark.slow
 def test_gpu_7b_dry_run(in_process, tmp_path, monkeypatch):
     from bench import gpu_7b
 
