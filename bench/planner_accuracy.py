@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="planner_accuracy")
     ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--worker-env", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="environment of the measured processes, e.g. MALLOC_MMAP_THRESHOLD_=131072")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--replan", action="store_true",
                     help="recompute the predictions of the saved result with the current planner; no measuring")
@@ -110,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     configs = QUICK if a.quick else CONFIGS
     if a.only:
         configs = [c for c in configs if c[0] in a.only]
+    env = dict(kv.split("=", 1) for kv in a.worker_env)
     rows, errors = [], []
     for name, dims, job in configs:
         model = str(build_bench_model(**dims))
         job = {"model": model, "B": 1, "micro_batch": 2, "threads": a.threads, **job}
-        res = measure_in_subprocess("bench.planner_accuracy", job)
+        res = measure_in_subprocess("bench.planner_accuracy", job, env=env)
         if "error" in res:
             errors.append({"config": name, **res})
             print(f"  {name}: FAILED {res['error'][-300:]}", file=sys.stderr)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: measured {r['measured_gib']:.3f} GiB, predicted {r['predicted_gib']:.3f} GiB "
               f"({r['error_pct']:+.1f} %)", flush=True)
     path = write_result(a.name, {
-        **summarise(rows), "rows": rows, "errors": errors,
+        **summarise(rows), "rows": rows, "errors": errors, "worker_env": env,
         "notes": ["measured_gib: the step's own peak (high-water mark reset after loading the model); "
                   "setup_peak_gib: peak while loading",
                   "CPU: peak RSS with fp32 compute; the planner's CPU model includes the process baseline"],

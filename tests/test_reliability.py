@@ -156,7 +156,7 @@ def test_kill9_and_signals_then_resume_matches_an_uninterrupted_run(tiny_qwen, t
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    steps = 5
+    steps = 8
 
     def recipe(root: Path) -> Path:
         data = tiny_recipe(tiny_qwen, root, train__steps=steps, train__save_every=1, train__keep_last=2,
@@ -198,13 +198,15 @@ def test_kill9_and_signals_then_resume_matches_an_uninterrupted_run(tiny_qwen, t
     assert restorable() == 1
 
     # 2. kill -9 at a random moment after the first step of a resumed run
-    delay = random.uniform(0.0, 0.8)
+    delay = random.uniform(0.0, 0.5)
     c = Child(script, run_recipe, "--resume", log=tmp_path / "r2.log")
     children.append(c)
     c.wait_for(lambda: metrics_of(run_dir, c.started), "a resumed step")
     time.sleep(delay)
     c.kill9()
-    assert restorable() in (1, 2), f"delay {delay:.2f} s"
+    # on an idle machine a tiny step takes well under the delay, so more steps may have completed
+    got = restorable()
+    assert 1 <= got <= int(metrics_of(run_dir)[-1]["step"]), f"delay {delay:.2f} s: checkpoint step {got}"
 
     # 3. SIGTERM: the step finishes, a checkpoint is written, exit 0 with a message
     c = Child(script, run_recipe, "--resume", log=tmp_path / "r3.log")
@@ -256,7 +258,7 @@ def test_kill9_and_signals_then_resume_matches_an_uninterrupted_run(tiny_qwen, t
 
     a_dir, b_dir = latest_checkpoint(ref_dir), latest_checkpoint(run_dir)
     assert a_dir.name == b_dir.name == f"step_{steps:06d}"
-    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step_000004", "step_000005"]  # keep_last=2
+    assert [p.name for p in checkpoint_dirs(run_dir)] == [f"step_{s:06d}" for s in (steps - 1, steps)]  # keep_last=2
     assert_same(adapter_of(a_dir), adapter_of(b_dir), "adapter")
     a_state, b_state = load_trainer_state(a_dir), load_trainer_state(b_dir)
     assert a_state["optimizer"]["state"], "AdamW moments are saved"
