@@ -6,7 +6,7 @@ lite-srpo's streamed lm_head the logits cost `chunk × V` floats whatever the le
 grow only by the small per-token terms (activations, KV cache). Each point runs in a fresh process
 (peak RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA), reset after loading the model.
 
-    python -m bench.memory_scaling                      # full sweep (CPU: about 30 minutes)
+    python -m bench.memory_scaling                      # full sweep (CPU: 40-80 minutes)
     python -m bench.memory_scaling --quick              # smoke test (seconds)
 """
 from __future__ import annotations
