@@ -62,13 +62,11 @@ def rows_logprobs(policy: PolicyModel, batch: RolloutBatch, rows: list[int], chu
     return logp
 
 
+@contextlib.contextmanager
 def _timed(seconds: dict[str, float], name: str):
-    @contextlib.contextmanager
-    def cm():
-        t0 = time.perf_counter()
-        yield
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
-    return cm()
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def corrupted_visuals(policy: PolicyModel, batch: RolloutBatch, kind: str, seed: int, per_response: bool,

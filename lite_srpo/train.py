@@ -434,7 +434,8 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
                     progress.close(f"stopped at step {step}; resume with --resume")
                     return run
                 if cfg.train.save_every and step % cfg.train.save_every == 0:
-                    saved_step = save(run, step) and step
+                    save(run, step)
+                    saved_step = step
         except KeyboardInterrupt:
             run.events.write("status", step, status="stopped",
                              message=f"interrupted during step {step}; last checkpoint is step {saved_step}")
