@@ -84,6 +84,22 @@ def _compare():
     return add, run
 
 
+@command("plot", "learning curves of one or more runs as a PNG (default RUN/curves.png); prints its path")
+def _plot():
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (with events.jsonl); overlaid")
+        p.add_argument("--out", default=None, help="PNG path (default: FIRST_RUN/curves.png)")
+        p.add_argument("--smooth", type=int, default=None,
+                       help="moving-average window drawn on the raw values (default: automatic; 0 = raw only)")
+
+    def run(a: argparse.Namespace) -> int:
+        from .plot import write_curves
+
+        print(write_curves(a.runs, a.out, smooth=a.smooth))
+        return 0
+    return add, run
+
+
 def _delegate(module: str, function: str):
     """Commands whose parser lives with their logic (export, eval, plan) get the raw argv."""
     def add(p: argparse.ArgumentParser) -> None:

@@ -100,6 +100,46 @@ def test_curve_frame_long_format_skips_missing_and_matches_suffix():
     assert monitor.metric_keys(_events())[:3] == ["reward/mean", "accuracy", "srpo/weight_perception"]
 
 
+EVAL_TITLE, KL_TITLE = "Held-out eval accuracy, format rate", "KL to reference (k3)"
+
+
+def _recipe_status(beta: float, eval_every: int) -> dict:
+    return {"type": "status", "step": 0, "time": 100.0, "status": "running", "total_steps": 10, "message": "m",
+            "config": {"algorithm": {"name": "srpo", "beta": beta}, "train": {"eval_every": eval_every}}}
+
+
+def test_eval_curve_frame_reads_eval_events_not_sampled_accuracy():
+    events = _events() + [{"type": "eval", "step": 2, "time": 121.0, "protocol": "greedy", "accuracy": 0.6,
+                           "format_rate": 1.0, "per_task": {"all": 0.6}},
+                          {"type": "eval", "step": 4, "time": 141.0, "protocol": "greedy", "accuracy": 0.7,
+                           "format_rate": 0.9}]
+    df = monitor.curve_frame(events, monitor.PLOTS[EVAL_TITLE])
+    assert df[df.series == "eval accuracy"][["step", "value"]].values.tolist() == [[2, 0.6], [4, 0.7]]
+    assert df[df.series == "eval format rate"].value.tolist() == [1.0, 0.9]
+    assert monitor.curve_frame(_events(), monitor.PLOTS[EVAL_TITLE]).empty  # metrics' accuracy is not eval
+    from ui.tab_monitor import plot_id
+
+    assert plot_id(EVAL_TITLE) == "plot-held-out"
+
+
+def test_empty_chart_says_why():
+    metrics = [{"type": "metrics", "step": 1, "time": 110.0, "reward/mean": 0.5}]
+    off = monitor.chart_notes([_recipe_status(0.0, 0), *metrics])
+    assert off[KL_TITLE] == "KL not computed: algorithm.beta = 0"
+    assert off[EVAL_TITLE] == "no held-out eval: train.eval_every = 0"
+    assert off["Loss"] == "not logged by this run" and "Reward, accuracy, format rate" not in off
+    on = [_recipe_status(0.01, 1), {**metrics[0], "kl/k3": 0.02},
+          {"type": "eval", "step": 1, "time": 111.0, "accuracy": 0.5, "format_rate": 1.0}]
+    assert KL_TITLE not in monitor.chart_notes(on) and EVAL_TITLE not in monitor.chart_notes(on)
+    waiting = monitor.chart_notes([_recipe_status(0.01, 5)])  # KL on, no step yet
+    assert waiting[KL_TITLE] == "no data yet" and waiting["Loss"] == "no data yet"
+    assert waiting[EVAL_TITLE] == "no held-out eval yet: the first is at step 5"
+    from ui.tab_monitor import note_update
+
+    assert note_update("why")["visible"] is True and note_update("why")["value"] == "*why*"
+    assert note_update(None)["visible"] is False
+
+
 def test_event_tail_is_incremental_and_resets_on_rewrite(tmp_path):
     w = EventWriter(tmp_path / "events.jsonl")
     tail = monitor.EventTail(tmp_path / "events.jsonl")
@@ -332,6 +372,7 @@ def test_build_app_has_the_controls(tmp_path):
     demo = build_app(tmp_path / "runs", REPO / "recipes")
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     for elem in ("run-select", "recipe-select", "start-btn", "stop-btn", "resume-btn", "run-status", "plot-reward",
+                 "plot-held-out", "plot-kl-note",
                  "token-view", "token-step", "export-btn", "try-btn", "runs-table", "compare-plot", "f-rollout-group-size"):
         assert elem in ids, elem
 

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from lite_srpo.plot import panel_notes
+
 ACTIVE = ("started", "running", "resumed")
 
 # Plot title -> (series label, metric key or key suffix). A suffix (leading '*') matches any prefix,
 # so every algorithm that reports a mean weight per role is plotted the same way.
 PLOTS: dict[str, list[tuple[str, str]]] = {
     "Reward, accuracy, format rate": [("reward", "reward/mean"), ("accuracy", "accuracy"), ("format rate", "format_rate")],
+    "Held-out eval accuracy, format rate": [("eval accuracy", "eval:accuracy"),
+                                            ("eval format rate", "eval:format_rate")],
     "Loss": [("loss", "loss/total")],
     "KL to reference (k3)": [("kl", "kl/k3")],
     "Mean token weight per role": [("perception", "*/weight_perception"), ("reasoning", "*/weight_reasoning"),
@@ -27,6 +31,9 @@ PLOTS: dict[str, list[tuple[str, str]]] = {
     "Throughput (tokens/s)": [("generation", "perf/gen_tokens_per_s"), ("update", "perf/update_tokens_per_s")],
     "SFT warm-up loss": [("SFT loss", "sft:loss")],
 }
+# Plots whose emptiness has a reason in the recipe (lite_srpo.plot.panel_notes): KL off, eval off, no warm-up.
+PLOT_PANEL = {"KL to reference (k3)": "kl", "Held-out eval accuracy, format rate": "eval",
+              "SFT warm-up loss": "sft"}
 
 
 class EventTail:
@@ -169,9 +176,9 @@ def format_duration(seconds: float | None) -> str:
 
 
 def _series_values(events: list[dict], key: str) -> list[tuple[int, float]]:
-    if key.startswith("sft:"):
-        field = key[4:]
-        return [(e["step"], v) for e in events if e.get("type") == "sft" and e.get("step") is not None
+    if key.startswith(("sft:", "eval:")):  # fields of `sft` / `eval` events rather than of `metrics`
+        kind, field = key.split(":", 1)
+        return [(e["step"], v) for e in events if e.get("type") == kind and e.get("step") is not None
                 for v in [_num(e.get(field))] if v is not None]
     out = []
     for e in events:
@@ -192,6 +199,15 @@ def curve_frame(events: list[dict], series: list[tuple[str, str]]) -> pd.DataFra
     """Long format for gr.LinePlot: one row per (step, series) with a finite value."""
     rows = [(step, value, label) for label, key in series for step, value in _series_values(events, key)]
     return pd.DataFrame(rows, columns=["step", "value", "series"]).astype({"step": "int64", "value": "float64"})
+
+
+def chart_notes(events: list[dict]) -> dict[str, str]:
+    """Plot title -> why that chart is empty (e.g. "KL not computed: algorithm.beta = 0"); charts with data
+    are absent. An empty frame alone reads like a bug; the recipe usually says why there is nothing."""
+    panels = panel_notes(events)
+    started = any(e.get("type") == "metrics" for e in events)
+    return {title: panels.get(PLOT_PANEL.get(title, ""), "not logged by this run" if started else "no data yet")
+            for title, series in PLOTS.items() if not any(_series_values(events, key) for _, key in series)}
 
 
 def compare_frame(runs: list[tuple[str, list[dict]]], key: str) -> pd.DataFrame:

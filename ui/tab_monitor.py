@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import control
-from .monitor import PLOTS, curve_frame, events_of, log_tail
+from .monitor import PLOTS, chart_notes, curve_frame, events_of, log_tail
 from .process import LOG_FILE
 from .runs import summarize
 from .views import status_html
@@ -25,6 +25,11 @@ def plot_value(frame):
     return None if frame.empty else frame
 
 
+def note_update(note: str | None):
+    """The reason under an empty chart (KL off, eval off, ...); hidden while the chart has data."""
+    return gr.update(value=f"*{note}*" if note else "", visible=bool(note))
+
+
 def build(ctx, run_select: gr.Dropdown, timer: gr.Timer) -> None:
     seen = gr.State({})
     status = gr.HTML(status_html(None), elem_id="run-status")
@@ -35,17 +40,19 @@ def build(ctx, run_select: gr.Dropdown, timer: gr.Timer) -> None:
     action_msg = gr.Markdown(elem_id="action-msg")
     error_box = gr.Textbox(label="Error", lines=8, max_lines=20, visible=False, elem_id="run-error",
                            interactive=False)
-    plots = []
+    plots, notes = [], []
     titles = list(PLOTS)
     for start in range(0, len(titles), 2):
         with gr.Row():
             for title in titles[start:start + 2]:
-                plots.append(gr.LinePlot(x="step", y="value", color="series", title=title, height=230,
-                                         x_title="step", y_title="", x_axis_format="d", y_axis_format=".3~g",
-                                         elem_id=plot_id(title)))
+                with gr.Column():
+                    plots.append(gr.LinePlot(x="step", y="value", color="series", title=title, height=230,
+                                             x_title="step", y_title="", x_axis_format="d", y_axis_format=".3~g",
+                                             elem_id=plot_id(title)))
+                    notes.append(gr.Markdown(visible=False, elem_id=plot_id(title) + "-note"))
     log_box = gr.Textbox(label="Training log (tail)", lines=12, max_lines=12, interactive=False, autoscroll=True,
                          elem_id="log-tail")
-    outputs = [status, stop_btn, stop_now_btn, resume_btn, error_box, *plots, log_box, seen]
+    outputs = [status, stop_btn, stop_now_btn, resume_btn, error_box, *plots, *notes, log_box, seen]
 
     def tick(run_path: str | None, last: dict) -> list:
         if not run_path or not Path(run_path).is_dir():
@@ -62,8 +69,12 @@ def build(ctx, run_select: gr.Dropdown, timer: gr.Timer) -> None:
                     gr.update(interactive=s.resumable)])
         error = (gr.skip() if same_run and last.get("error") == s.error else
                  gr.update(value=s.error, visible=bool(s.error)))
-        curves = ([gr.skip()] * len(plots) if same_run and last.get("n") == state["n"] else
-                  [plot_value(curve_frame(events, series)) for series in PLOTS.values()])
+        if same_run and last.get("n") == state["n"]:
+            curves = [gr.skip()] * (len(plots) + len(notes))
+        else:
+            why = chart_notes(events)
+            curves = ([plot_value(curve_frame(events, series)) for series in PLOTS.values()] +
+                      [note_update(why.get(title)) for title in PLOTS])
         log = gr.skip() if same_run and last.get("log") == state["log"] else log_tail(log_path)
         state["buttons"] = list(state["buttons"])
         return [status_html(s), *buttons, error, *curves, log, state]
