@@ -85,6 +85,12 @@ class RewardConfig:
     """Reward functions and their weights (EasyR1: 0.9 accuracy + 0.1 format)."""
     answer_fallback: str = "none"
     """What to grade when there is no \\boxed{}: none | last_number | last_line."""
+    timeout_s: float = 5.0
+    """Per-call time limit of a user reward (file.py:fn / pkg.mod:fn); past it the call scores 0 and its
+    worker process is killed and replaced."""
+    max_failure_frac: float = 0.5
+    """Stop the run when more than this share of one user reward's calls in a step fail (time out, raise,
+    or return NaN/inf/a non-number)."""
 
 
 @dataclass
@@ -303,13 +309,16 @@ def _check_ranges(cfg: RunConfig) -> list[str]:
     if cfg.algorithm.name == "srpo" and cfg.data.template != "structured":
         errs.append(f"data.template: {cfg.data.template!r} with algorithm.name 'srpo' — SRPO needs the 'structured' "
                     "template (<perception>…</perception><think>…</think>\\boxed{}) to find perception and reasoning tokens")
-    from .rewards import REWARD_FUNCTIONS
+    from .custom_rewards import check_reward_name
 
     for name, weight in cfg.reward.weights.items():
-        if name not in REWARD_FUNCTIONS:
-            errs.append(f"reward.weights.{name}: unknown reward — valid names: {', '.join(REWARD_FUNCTIONS)}")
+        problem = check_reward_name(name)  # user functions (file.py:fn, pkg.mod:fn) are imported and checked here
+        if problem:
+            errs.append(f"reward.weights.{name}: {problem}")
         elif not isinstance(weight, (int, float)):
             errs.append(f"reward.weights.{name}: {weight!r} is not a number")
+    need(cfg.reward.timeout_s > 0, "reward.timeout_s", cfg.reward.timeout_s, "needs > 0 (seconds per user reward call)")
+    need(0 <= cfg.reward.max_failure_frac <= 1, "reward.max_failure_frac", cfg.reward.max_failure_frac, "needs 0 <= frac <= 1")
     if cfg.train.micro_batch_size > cfg.rollout.group_size * cfg.rollout.prompts_per_step:
         errs.append(f"train.micro_batch_size: {cfg.train.micro_batch_size} exceeds the responses per step "
                     f"({cfg.rollout.prompts_per_step} x {cfg.rollout.group_size})")

@@ -31,7 +31,7 @@ from .passes import rows_logprobs, run_passes
 from .preflight import check_disk_space, check_output_dir, checkpoint_bytes
 from .progress import Progress
 from .prompts import ResponseFormat, token_roles
-from .rewards import compute_rewards
+from .reward_runner import Rewarder
 from .rollout import RolloutBatch, encode_prompt, generate
 from .tasks.base import Sample
 from .token_events import token_event_records
@@ -57,6 +57,8 @@ class Run:
     generation_batch: int = 0
     nonfinite_streak: int = 0
     last_metrics: dict = field(default_factory=dict)
+    rewarder: Rewarder | None = None
+    """Scores responses (user rewards in worker processes); built by `setup`, closed by `train`."""
 
     @property
     def run_dir(self) -> Path:
@@ -145,6 +147,7 @@ def setup(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Run:
               test_set=test_set, fmt=response_format(cfg), spec=ALGORITHM_SPECS[cfg.algorithm.name], events=events,
               micro_batch=cfg.train.micro_batch_size, generation_batch=cfg.rollout.generation_batch_size)
     (run_dir / "recipe.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    run.rewarder = Rewarder(cfg.reward, run.fmt, warn=lambda step, message: events.write("warning", step, message=message))
     if last is not None:
         state = ckpt.restore(last, policy.model, optimizer, scheduler)
         run.start_step = int(state[ckpt.STEP_KEY])
@@ -281,8 +284,7 @@ def rl_step(run: Run, step: int) -> dict:
     gen_tokens = int(batch.response_mask.sum())
 
     # 3. rewards and group advantages
-    rewards_list, per_fn = compute_rewards(batch.texts, batch.samples(), cfg.reward.weights, run.fmt,
-                                           answer_fallback=cfg.reward.answer_fallback)
+    rewards_list, per_fn, reward_metrics = run.rewarder.compute(batch.texts, batch.samples(), step)
     rewards = torch.tensor(rewards_list, dtype=torch.float32)
     adv_seq = grpo.group_advantages(rewards, cfg.rollout.group_size, scale=cfg.algorithm.adv_scale)
     metrics: dict[str, float] = {
@@ -293,6 +295,7 @@ def rl_step(run: Run, step: int) -> dict:
         metrics[f"reward/{name}/mean"] = float(np.mean(values))
     metrics["accuracy"] = metrics.get("reward/accuracy/mean", float("nan"))
     metrics["format_rate"] = metrics.get("reward/format/mean", float("nan"))
+    metrics.update(reward_metrics)  # reward/<name>/failures of user rewards
 
     # 4. dynamic sampling (DAPO): keep groups whose rewards differ
     if cfg.algorithm.dynamic_sampling:
@@ -449,6 +452,9 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
         except Exception as exc:
             run.events.write("status", step, status="crashed", message=f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            if run.rewarder is not None:
+                run.rewarder.close()  # reward worker processes end with the loop
     if saved_step != cfg.train.steps:
         save(run, cfg.train.steps)
     run.events.write("status", cfg.train.steps, status="finished", message="done")
