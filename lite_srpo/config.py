@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, LiteSrpoError
 
 
 @dataclass
@@ -62,6 +62,9 @@ class DataConfig:
     think_tag: str = "think"
     max_prompt_length: int = 1024
     """Prompts longer than this are skipped with a warning; image tokens are never cut."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Dataset column for each field: image, question, answer, choices (e.g. {question: query}); unset
+    fields keep their usual names. Empty: hub datasets detect a known benchmark layout (Geometry3K, ...)."""
 
 
 @dataclass
@@ -319,6 +322,19 @@ def _check_ranges(cfg: RunConfig) -> list[str]:
             errs.append(f"reward.weights.{name}: {weight!r} is not a number")
     need(cfg.reward.timeout_s > 0, "reward.timeout_s", cfg.reward.timeout_s, "needs > 0 (seconds per user reward call)")
     need(0 <= cfg.reward.max_failure_frac <= 1, "reward.max_failure_frac", cfg.reward.max_failure_frac, "needs 0 <= frac <= 1")
+    for key, column in cfg.data.columns.items():
+        if key not in ("image", "question", "answer", "choices"):
+            errs.append(f"data.columns.{key}: unknown field — map image, question, answer or choices to a column")
+        elif not isinstance(column, str) or not column:
+            errs.append(f"data.columns.{key}: {column!r} should be a column name")
+    from .hub_data import is_hub_uri, parse_hub_uri
+
+    for key in ("train_file", "test_file"):
+        if is_hub_uri(getattr(cfg.data, key)):
+            try:
+                parse_hub_uri(getattr(cfg.data, key))
+            except LiteSrpoError as exc:
+                errs.append(f"data.{key}: {exc}")
     if cfg.train.micro_batch_size > cfg.rollout.group_size * cfg.rollout.prompts_per_step:
         errs.append(f"train.micro_batch_size: {cfg.train.micro_batch_size} exceeds the responses per step "
                     f"({cfg.rollout.prompts_per_step} x {cfg.rollout.group_size})")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .config import DataConfig
 from .errors import DataError
-from .tasks import load_samples, make_task
+from .hub_data import load_data_source
+from .tasks import make_task
 from .tasks.base import Sample
 
 
@@ -14,9 +15,10 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Sample], list[Sample]]
         test = make_task(cfg.task, "test", cfg.n_test, seed, image_size=cfg.image_size)
         return train, test
     root = cfg.image_root or None
-    train = load_samples(cfg.train_file, image_root=root)
+    train = load_data_source(cfg.train_file, key="data.train_file", image_root=root, columns=cfg.columns)
     if cfg.test_file:
-        return train, load_samples(cfg.test_file, image_root=root)
+        return train, load_data_source(cfg.test_file, key="data.test_file", image_root=root, columns=cfg.columns,
+                                default_split="test")
     if len(train) < 2:
         raise DataError(f"{cfg.train_file}: {len(train)} row(s) — need at least 2 to hold one out as test "
                         "(or set data.test_file)")
