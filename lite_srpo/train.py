@@ -369,8 +369,38 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def _state_before_step(run: Run) -> dict:
+    """Adapter, optimizer, scheduler and RNG state (on the CPU), so a retried step starts from scratch."""
+    return {"params": [p.detach().to("cpu", copy=True) for p in run.policy.trainable_parameters()],
+            "optimizer": _cpu_copy(run.optimizer.state_dict()), "scheduler": _cpu_copy(run.scheduler.state_dict()),
+            "rng": ckpt.rng_state()}
+
+
+def _restore_before_step(run: Run, state: dict) -> None:
+    with torch.no_grad():
+        for p, saved in zip(run.policy.trainable_parameters(), state["params"]):
+            p.copy_(saved)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+
+
 def step_with_oom_retry(run: Run, step: int) -> dict:
-    """Catch CUDA OOM, halve the micro-batch (then the generation batch) and retry the same step."""
+    """Catch CUDA OOM, halve the micro-batch (then the generation batch) and retry the same step.
+
+    A retry starts from the state before the step: with `train.mini_batches > 1` the failed try may
+    already have applied an optimizer step, which must not be applied twice."""
+    before = _state_before_step(run)
     while True:
         try:
             return rl_step(run, step)
@@ -378,6 +408,7 @@ def step_with_oom_retry(run: Run, step: int) -> dict:
             if not is_oom(exc):
                 raise
             run.optimizer.zero_grad(set_to_none=True)
+            _restore_before_step(run, before)
             free_memory()
             if run.micro_batch > 1:
                 run.micro_batch //= 2
