@@ -195,6 +195,9 @@ class TrainConfig:
     """Evaluate on the held-out split every N steps (0 = never during training)."""
     eval_samples: int = 64
     max_consecutive_nonfinite: int = 3
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get the same metrics as events.jsonl: tensorboard | wandb (wandb honours
+    WANDB_MODE=offline, WANDB_PROJECT)."""
 
 
 @dataclass
@@ -313,6 +316,7 @@ def _check_ranges(cfg: RunConfig) -> list[str]:
         errs.append(f"data.template: {cfg.data.template!r} with algorithm.name 'srpo' — SRPO needs the 'structured' "
                     "template (<perception>…</perception><think>…</think>\\boxed{}) to find perception and reasoning tokens")
     from .custom_rewards import check_reward_name
+    from .trackers import tracker_problems
 
     for name, weight in cfg.reward.weights.items():
         problem = check_reward_name(name)  # user functions (file.py:fn, pkg.mod:fn) are imported and checked here
@@ -335,6 +339,7 @@ def _check_ranges(cfg: RunConfig) -> list[str]:
                 parse_hub_uri(getattr(cfg.data, key))
             except LiteSrpoError as exc:
                 errs.append(f"data.{key}: {exc}")
+    errs.extend(tracker_problems(cfg.train.report_to))
     if cfg.train.micro_batch_size > cfg.rollout.group_size * cfg.rollout.prompts_per_step:
         errs.append(f"train.micro_batch_size: {cfg.train.micro_batch_size} exceeds the responses per step "
                     f"({cfg.rollout.prompts_per_step} x {cfg.rollout.group_size})")

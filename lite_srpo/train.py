@@ -35,6 +35,7 @@ from .reward_runner import Rewarder
 from .rollout import RolloutBatch, encode_prompt, generate
 from .tasks.base import Sample
 from .token_events import token_event_records
+from .trackers import Trackers, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Run:
     last_metrics: dict = field(default_factory=dict)
     rewarder: Rewarder | None = None
     """Scores responses (user rewards in worker processes); built by `setup`, closed by `train`."""
+    trackers: Trackers = field(default_factory=lambda: Trackers([]))
 
     @property
     def run_dir(self) -> Path:
@@ -440,6 +442,7 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
           overwrite: bool = False) -> Run:
     """Run RL steps until `train.steps`, a stop signal, or too many non-finite updates."""
     run = run or setup(cfg, resume, overwrite)
+    run.trackers = open_trackers(cfg, run.run_dir, run.start_step)  # train.report_to; a no-op when empty
     run.events.write("status", run.start_step, status="running", total_steps=cfg.train.steps,
                      config=config_to_dict(cfg), message=f"{cfg.algorithm.name} on {cfg.model.path}")
     progress = Progress(cfg.train.steps, start=run.start_step, quiet=quiet)
@@ -451,6 +454,7 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
                 metrics = step_with_oom_retry(run, step)
                 run.last_metrics = metrics
                 run.events.write("metrics", step, **metrics)
+                run.trackers.log(step, metrics)
                 progress.update(step, metrics)
                 skipped = metrics.get("update/skipped_nonfinite", 0.0) > 0
                 run.nonfinite_streak = run.nonfinite_streak + 1 if skipped else 0
@@ -484,6 +488,7 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
             run.events.write("status", step, status="crashed", message=f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            run.trackers.close()
             if run.rewarder is not None:
                 run.rewarder.close()  # reward worker processes end with the loop
     if saved_step != cfg.train.steps:
@@ -499,5 +504,6 @@ def periodic_eval(run: Run, step: int) -> dict:
     result = evaluate(run.policy, run.test_set[:run.cfg.train.eval_samples], run.cfg.data.template, run.fmt,
                       max_new_tokens=run.cfg.rollout.max_new_tokens, answer_fallback=run.cfg.reward.answer_fallback)
     run.events.write("eval", step, **result)
+    run.trackers.log_eval(step, {k: v for k, v in result.items() if k != "item_accuracy"})
     return result
 
