@@ -2,7 +2,8 @@
 
 Listening on another address, or a public share link, is refused without auth: the UI starts
 processes and reads files on this machine. Auth comes from `auth=` ("user:password" or a tuple) or,
-to keep the password out of the process list, the LITE_SRPO_UI_AUTH environment variable.
+to keep the password out of the process list, the LITE_SRPO_UI_AUTH environment variable. The address is
+--host/--port, else GRADIO_SERVER_NAME/GRADIO_SERVER_PORT (as in Docker images and Spaces), else 127.0.0.1:7860.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from .errors import ConfigError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 AUTH_ENV = "LITE_SRPO_UI_AUTH"
+HOST_ENV, PORT_ENV = "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"  # Gradio's own variables (Docker, Spaces)
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,6 +36,23 @@ def parse_auth(auth: str | tuple[str, str] | None) -> tuple[str, str] | None:
     if not user or not password:
         raise ConfigError("ui auth: both a username and a password are needed")
     return user, password
+
+
+def resolve_address(host: str | None = None, port: int | None = None,
+                    env: dict[str, str] | None = None) -> tuple[str, int]:
+    """Host and port: an explicit value, else GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 127.0.0.1:7860.
+
+    The address is resolved here, not left to Gradio, so `check_exposure` judges the one actually used."""
+    env = os.environ if env is None else env
+    host = host or env.get(HOST_ENV, "").strip() or DEFAULT_HOST
+    if port is None:
+        raw = env.get(PORT_ENV, "").strip()
+        if not raw:
+            return host, DEFAULT_PORT
+        if not raw.isdigit() or not 0 < int(raw) < 65536:
+            raise ConfigError(f"ui: {PORT_ENV}={raw!r} is not a port number (1-65535)")
+        port = int(raw)
+    return host, port
 
 
 def check_exposure(host: str, share: bool, auth: tuple[str, str] | None) -> None:
@@ -64,12 +84,13 @@ def _app_module():
     return app
 
 
-def launch(host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+def launch(host: str | None = None, port: int | None = None, share: bool = False,
            auth: str | tuple[str, str] | None = None, runs_dir: str | Path = "runs",
            recipes_dir: str | Path = "recipes", block: bool = True):
     """Build and serve the app; returns the Blocks (already closed again if `block`)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     credentials = parse_auth(auth if auth is not None else os.environ.get(AUTH_ENV))
+    host, port = resolve_address(host, port)
     check_exposure(host, share, credentials)
     app = _app_module()
     demo = app.build_app(runs_dir=runs_dir, recipes_dir=_resolve_dir(recipes_dir, "recipes"))
@@ -80,8 +101,9 @@ def launch(host: str = "127.0.0.1", port: int | None = 7860, share: bool = False
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (others need --auth)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default=None,
+                   help=f"address to listen on (default ${HOST_ENV} or {DEFAULT_HOST}; others need --auth)")
+    p.add_argument("--port", type=int, default=None, help=f"default ${PORT_ENV} or {DEFAULT_PORT}")
     p.add_argument("--share", action="store_true", help="public Gradio link (needs --auth)")
     p.add_argument("--auth", default=None, help=f"user:password (or set {AUTH_ENV})")
     p.add_argument("--runs-dir", default="runs")
