@@ -108,3 +108,21 @@ def _read_wandb_log(path) -> tuple[dict[int, dict], dict]:
             config = {i.key: json.loads(i.value_json) for i in r.run.config.update}
     config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
     return history, config
+
+
+def test_rerun_and_resume_leave_one_point_per_step(tiny_qwen, tmp_path):
+    """A fresh run over an old one (overwrite) and a resume both purge TensorBoard points after their start."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def points(run_dir):
+        acc = EventAccumulator(str(run_dir / "tensorboard"))
+        acc.Reload()
+        return [(p.step, p.value) for p in acc.Scalars("reward/mean")]
+
+    recipe = tiny_recipe(tiny_qwen, tmp_path, train__steps=2, train__report_to=["tensorboard"])
+    first = train(config_from_dict(recipe), quiet=True)
+    again = train(config_from_dict(recipe), quiet=True, overwrite=True)
+    steps = [e for e in read_events(again.run_dir / "events.jsonl") if e["type"] == "metrics"]
+    assert points(again.run_dir) == [(m["step"], pytest.approx(m["reward/mean"])) for m in steps]
+    resumed = train(config_from_dict(dict(recipe, train=dict(recipe["train"], steps=3))), quiet=True, resume=True)
+    assert [s for s, _ in points(resumed.run_dir)] == [1, 2, 3] and first.run_dir == resumed.run_dir
