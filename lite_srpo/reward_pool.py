@@ -13,6 +13,7 @@ import math
 import multiprocessing as mp
 import numbers
 import os
+import signal
 import time
 import weakref
 from collections import deque
@@ -36,6 +37,10 @@ class CallResult:
 def _worker_main(conn: Connection, refs: dict[str, RewardRef]) -> None:
     """Load every function once, report ready, then answer (id, name, response, sample) until None."""
     import lite_srpo.tasks.base  # noqa: F401 - unpickling a Sample imports it: do so before any call's clock starts
+
+    # Ctrl-C reaches the whole process group; the trainer's first one means "finish the step", so the
+    # workers keep scoring (the trainer ends them when it stops).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     try:
         fns = {name: load_reward(ref) for name, ref in refs.items()}
@@ -101,6 +106,7 @@ class RewardPool:
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _kill_all, self._workers)
         self.restarts = 0
+        self._start_failures = 0  # in a row; a worker can die while starting (e.g. Ctrl-C before it ignores it)
 
     def _fill(self) -> None:
         while len(self._workers) < self.size:
@@ -120,7 +126,7 @@ class RewardPool:
         while pending or any(w.task is not None for w in self._workers):
             for w in self._workers:
                 if w.ready and w.task is None and pending:
-                    self._dispatch(w, pending.popleft(), calls, results)
+                    self._dispatch(w, pending, calls, results)
             waiting = [w for w in self._workers if w.task is not None or not w.ready]
             now = time.monotonic()
             limits = [w.deadline if w.ready else w.started + START_TIMEOUT_S for w in waiting]
@@ -136,14 +142,17 @@ class RewardPool:
                     raise RewardLoadError(f"a reward worker did not start within {START_TIMEOUT_S:g} s")
         return [r if r is not None else CallResult(None, "no result") for r in results]
 
-    def _dispatch(self, w: _Worker, index: int, calls: list, results: list) -> None:
+    def _dispatch(self, w: _Worker, pending: deque, calls: list, results: list) -> None:
+        index = pending.popleft()
         name, response, sample = calls[index]
         try:
             w.conn.send((index, name, response, sample))
-        except Exception as exc:  # noqa: BLE001 - an unpicklable sample (nothing was sent) or a broken pipe
+        except OSError:  # the idle worker died (broken pipe): the call goes to its replacement
+            pending.appendleft(index)
+            self._replace(w)
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable sample; nothing was sent
             results[index] = CallResult(None, f"cannot send the call to a worker: {type(exc).__name__}: {exc}")
-            if isinstance(exc, OSError):
-                self._replace(w)
             return
         w.task, w.deadline = index, time.monotonic() + self.timeout_s
 
@@ -155,12 +164,15 @@ class RewardPool:
             if w.task is not None:
                 results[w.task] = CallResult(None, f"worker process died (exit code {w.proc.exitcode})")
             elif not w.ready:
-                self.close()
-                raise RewardLoadError(f"a reward worker exited while starting (exit code {w.proc.exitcode})") from None
+                self._start_failures += 1
+                if self._start_failures > 3:
+                    self.close()
+                    raise RewardLoadError(f"reward workers keep exiting while starting (exit code "
+                                          f"{w.proc.exitcode})") from None
             self._replace(w)
             return
         if msg[0] == "ready":
-            w.ready = True
+            w.ready, self._start_failures = True, 0
         elif msg[0] == "load_error":
             self.close()
             raise RewardLoadError(f"in a reward worker: {msg[1]}")

@@ -3,6 +3,8 @@ with per-call timeouts (hung workers killed and replaced), and real tiny-model t
 hangs, raises or returns NaN on half the calls, or fails on every call."""
 import json
 import multiprocessing as mp
+import os
+import signal
 import textwrap
 import time
 
@@ -136,6 +138,11 @@ def test_pool_scores_and_contains_every_failure(reward_dir):
         assert [r.value for r in again] == [3.0] * 4 and time.monotonic() - start < 30
         procs = [w.proc for w in pool._workers]
         assert procs and all(p.is_alive() for p in procs)
+        ready = [w.proc for w in pool._workers if w.ready]
+        for p in procs:  # Ctrl-C hits the whole process group: scoring goes on (a starting worker is replaced)
+            os.kill(p.pid, signal.SIGINT)
+        assert [r.value for r in pool.run([("f", "xy", _sample())] * 3)] == [2.0] * 3
+        assert ready and all(p.is_alive() for p in ready)
     finally:
         pool.close()
     assert not any(p.is_alive() for p in procs)
