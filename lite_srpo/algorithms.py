@@ -73,11 +73,14 @@ def shape_srpo(x: ShapeInputs) -> Shaping:
     if c.consistency == "corrupted":
         e = (torch.zeros_like(old) if x.passes.corrupted_logp is None else
              srpo.reasoning_scores_from_corrupted(old, x.passes.corrupted_logp, roles, mask, kappa=c.kappa, margin=c.margin))
+    elif c.consistency == "perception_only":  # image corrupted in both: only the written perception differs
+        e = (torch.zeros_like(old) if x.passes.corrupted_logp is None or x.passes.removed_logp is None else
+             srpo.reasoning_scores(x.passes.corrupted_logp, x.passes.removed_logp, roles, mask, kappa=c.kappa))
     else:
         e = srpo.reasoning_scores(old, x.passes.removed_logp, roles, mask, kappa=c.kappa)
     w = srpo.role_weights(d, e, roles, mask, lam=c.lam, tau=c.tau, renormalize=c.renormalize)
     metrics = srpo.role_metrics(w, roles, mask, d, e)
-    metrics["srpo/variant"] = 1.0 if c.consistency == "removed" else 2.0
+    metrics["srpo/variant"] = {"removed": 1.0, "corrupted": 2.0, "perception_only": 3.0}[c.consistency]
     return Shaping(advantages=srpo.token_advantages(x.adv_seq, w), scores=d + e, weights=w, metrics=metrics)
 
 
@@ -132,7 +135,7 @@ ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
     "dapo": AlgorithmSpec("dapo", shape_grpo),
     "dr_grpo": AlgorithmSpec("dr_grpo", shape_grpo),
     "srpo": AlgorithmSpec("srpo", shape_srpo, needs_corrupted=True, needs_roles=True,
-                          needs_removed=lambda cfg: cfg.srpo.consistency == "removed"),
+                          needs_removed=lambda cfg: cfg.srpo.consistency in ("removed", "perception_only")),
     "papo": AlgorithmSpec("papo", shape_papo, needs_corrupted=True, extra_loss=papo_extra),
     "vppo": AlgorithmSpec("vppo", shape_vppo, needs_corrupted=True, extra_loss=vppo_extra),
     "vgpo": AlgorithmSpec("vgpo", shape_vgpo, needs_focus=True),

@@ -55,6 +55,9 @@ class DataConfig:
     image_root: str = ""
     n_train: int = 512
     n_test: int = 100
+    n_val: int = 0
+    """Validation items carved from the train split (procedural tasks: a disjoint draw) for tuning;
+    never tune on the test split."""
     image_size: int = 56
     template: str = "structured"
     """Prompt template: structured (SRPO: <perception>, <think>, \\boxed) | think | plain."""
@@ -115,7 +118,9 @@ class SrpoConfig:
     kappa: float = 10.0
     renormalize: bool = True
     consistency: str = "removed"
-    """removed (perception content removed, +1 pass) | corrupted (reuse the corrupted-image pass)."""
+    """removed (perception content removed, +1 pass) | corrupted (reuse the corrupted-image pass) |
+    perception_only (how much the written perception alone explains the token: log-prob with the image
+    corrupted minus log-prob with the image corrupted and the perception removed, +1 pass)."""
     margin: float = 0.0
 
 
@@ -156,6 +161,17 @@ class AlgorithmConfig:
     """KL-to-reference coefficient (k3, reference = adapter disabled); 0 skips the reference pass."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal (DAPO)."""
+    filter_on: str = "accuracy"
+    """What dynamic sampling compares within a group: accuracy (DAPO's and EasyR1's code: a group whose
+    answers are all right or all wrong is dropped, even if the format bonus differs) | reward (the total)."""
+    overlong: str = "punish"
+    """Responses that hit rollout.max_new_tokens without EOS (DAPO §3.4): punish (soft overlong punishment:
+    a reward penalty that grows linearly over the last `overlong_buffer` of the length budget, the full
+    `overlong_penalty` when truncated) | filter (truncated responses get no gradient) | none."""
+    overlong_buffer: float = 0.2
+    """Share of max_new_tokens over which the soft penalty ramps up (DAPO: 4,096 of 20,480 = 0.2)."""
+    overlong_penalty: float = 1.0
+    """Penalty at the length cap (DAPO's penalty_factor)."""
     corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
     srpo: SrpoConfig = field(default_factory=SrpoConfig)
     papo: PapoConfig = field(default_factory=PapoConfig)
@@ -259,7 +275,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.adv_scale": ("group", "batch", "none"),
     "algorithm.agg": ("token", "seq", "dr_grpo"),
     "algorithm.corruption.kind": ("patch", "noise", "blur", "constant"),
-    "algorithm.srpo.consistency": ("removed", "corrupted"),
+    "algorithm.srpo.consistency": ("removed", "corrupted", "perception_only"),
+    "algorithm.filter_on": ("accuracy", "reward"),
+    "algorithm.overlong": ("punish", "filter", "none"),
     "algorithm.papo.schedule": ("fixed", "annealing"),
     "optim.optimizer": ("auto", "adamw", "adamw8bit", "paged_adamw8bit"),
     "optim.schedule": ("constant", "linear", "cosine"),
@@ -293,6 +311,15 @@ def _check_ranges(cfg: RunConfig) -> list[str]:
     need(cfg.train.keep_last >= 1, "train.keep_last", cfg.train.keep_last, "needs >= 1")
     need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "needs >= 1")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", cfg.lora.dropout, "needs 0 <= dropout < 1")
+    # Sampling and scoring must be the same policy: the old log-probs, the ratio and every role score
+    # are taken under the full, dropout-free distribution the tokens were sampled from.
+    if cfg.lora.dropout > 0:
+        errs.append(f"lora.dropout: {cfg.lora.dropout!r} — RL needs 0: the model stays in train mode, so dropout "
+                    "would make the old log-probs differ from the policy that sampled the responses")
+    if cfg.rollout.top_p < 1 or cfg.rollout.top_k > 0:
+        errs.append(f"rollout.top_p={cfg.rollout.top_p!r} / rollout.top_k={cfg.rollout.top_k!r} — RL needs top_p 1.0 and "
+                    "top_k 0: tokens sampled from a truncated distribution would be scored under the full one "
+                    "(use them with `lite-srpo eval` only)")
     need(cfg.algorithm.clip_low >= 0 and cfg.algorithm.clip_low < 1, "algorithm.clip_low", cfg.algorithm.clip_low, "needs 0 <= clip_low < 1")
     need(cfg.algorithm.clip_high >= 0, "algorithm.clip_high", cfg.algorithm.clip_high, "needs >= 0")
     need(cfg.algorithm.dual_clip is None or cfg.algorithm.dual_clip > 1, "algorithm.dual_clip", cfg.algorithm.dual_clip, "null or > 1")
@@ -304,6 +331,10 @@ def _check_ranges(cfg: RunConfig) -> list[str]:
     need(cfg.algorithm.corruption.patch_size >= 1, "algorithm.corruption.patch_size", cfg.algorithm.corruption.patch_size, "needs >= 1")
     need(0 < cfg.algorithm.vppo.k <= 1, "algorithm.vppo.k", cfg.algorithm.vppo.k, "needs 0 < k <= 1")
     need(0 < cfg.algorithm.vppo.beta_min <= 1, "algorithm.vppo.beta_min", cfg.algorithm.vppo.beta_min, "needs 0 < beta_min <= 1")
+    need(0 <= cfg.algorithm.overlong_buffer < 1, "algorithm.overlong_buffer", cfg.algorithm.overlong_buffer,
+         "needs 0 <= buffer < 1 (a share of rollout.max_new_tokens)")
+    need(cfg.algorithm.overlong_penalty >= 0, "algorithm.overlong_penalty", cfg.algorithm.overlong_penalty, "needs >= 0")
+    need(cfg.data.n_val >= 0, "data.n_val", cfg.data.n_val, "needs >= 0")
     need(cfg.data.n_train >= 1, "data.n_train", cfg.data.n_train, "needs >= 1")
     need(cfg.data.image_size >= 28, "data.image_size", cfg.data.image_size, "needs >= 28 (one vision token)")
     need(cfg.sft.steps >= 0, "sft.steps", cfg.sft.steps, "needs >= 0")

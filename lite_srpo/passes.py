@@ -89,8 +89,12 @@ def corrupted_visuals(policy: PolicyModel, batch: RolloutBatch, kind: str, seed:
 @torch.no_grad()
 def run_passes(policy: PolicyModel, batch: RolloutBatch, *, micro_batch: int, chunk: int, temperature: float,
                need_ref: bool, need_corrupted: bool, need_removed: bool, need_focus: bool,
-               roles: torch.Tensor | None, corruption: dict, seed: int) -> PassOutputs:
-    """Old, reference, corrupted-image and perception-removed log-probs for every response."""
+               roles: torch.Tensor | None, corruption: dict, seed: int,
+               removed_on_corrupted: bool = False) -> PassOutputs:
+    """Old, reference, corrupted-image and perception-removed log-probs for every response.
+
+    `removed_on_corrupted` runs the perception-removed pass on the corrupted images (SRPO's
+    `consistency: perception_only`), so that image and written perception are both gone."""
     n, r = batch.response_ids.shape
     seconds: dict[str, float] = {}
     old = torch.zeros(n, r)
@@ -108,7 +112,7 @@ def run_passes(policy: PolicyModel, batch: RolloutBatch, *, micro_batch: int, ch
         with _timed(seconds, "reference"), policy.reference():
             for rows in micro_batches(n, micro_batch):
                 ref[rows] = rows_logprobs(policy, batch, rows, chunk, temperature).float().cpu()
-    corrupted = None
+    corrupted, visuals = None, None
     if need_corrupted:
         with _timed(seconds, "corrupted"), policy.policy():
             visuals = corrupted_visuals(policy, batch, seed=seed, **corruption)
@@ -120,7 +124,12 @@ def run_passes(policy: PolicyModel, batch: RolloutBatch, *, micro_batch: int, ch
     removed = None
     if need_removed and roles is not None:
         with _timed(seconds, "removed"), policy.policy():
-            removed = perception_removed_logprobs(policy, batch, roles, micro_batch, chunk, temperature)
+            override = visuals if removed_on_corrupted else None
+            if removed_on_corrupted and visuals is None:
+                log.warning("perception_only consistency needs corrupted images; the samples carry none")
+            else:
+                removed = perception_removed_logprobs(policy, batch, roles, micro_batch, chunk, temperature,
+                                                      visual_override=override)
     focus = None
     if need_focus:
         resp_hidden = torch.cat([h for h, _ in focus_parts])
@@ -131,7 +140,8 @@ def run_passes(policy: PolicyModel, batch: RolloutBatch, *, micro_batch: int, ch
 
 
 def perception_removed_logprobs(policy: PolicyModel, batch: RolloutBatch, roles: torch.Tensor, micro_batch: int,
-                                chunk: int, temperature: float) -> torch.Tensor:
+                                chunk: int, temperature: float,
+                                visual_override: list[dict] | None = None) -> torch.Tensor:
     """n_t: the same response with its perception content removed (tags kept), scattered back to [N, R]."""
     n, r = batch.response_ids.shape
     pad = pad_token_id(policy)
@@ -150,7 +160,9 @@ def perception_removed_logprobs(policy: PolicyModel, batch: RolloutBatch, roles:
         for j, ids in enumerate(kept_ids):
             resp[j, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[j, :len(ids)] = 1
-        logp = rows_logprobs(policy, batch, rows, chunk, temperature, responses=resp, mask=mask).float().cpu()
+        visuals = None if visual_override is None else [visual_override[i] for i in rows]
+        logp = rows_logprobs(policy, batch, rows, chunk, temperature, responses=resp, mask=mask,
+                             visual_override=visuals).float().cpu()
         for j, i in enumerate(rows):
             pos = torch.tensor(kept_pos[j], dtype=torch.long)
             out[i, pos] = logp[j, :len(pos)]

@@ -171,15 +171,23 @@ def accuracy_reward(response: str, sample: Sample, fmt: ResponseFormat, fallback
 def format_reward(response: str, sample: Sample, fmt: ResponseFormat) -> float:
     """1 if the response follows `fmt.template`.
 
-    structured: one perception block, then one think block (only whitespace before and between), then a
-    complete `\\boxed{…}` after the think block. think: the same without the perception block — EasyR1's
-    `<think>.*</think>.*\\boxed{.*}.*`, stricter in refusing duplicated tags, lenient about leading
-    whitespace. plain: a complete `\\boxed{…}` anywhere.
+    structured: one perception block, then one think block (only whitespace before and between), then
+    exactly one complete `\\boxed{…}` after the think block, with nothing but whitespace after it. The end
+    is strict on purpose: a policy that repeats `\\boxed{3}` until the length cap must not keep the
+    format bonus (accuracy alone reads the last box and cannot see it).
+    think: one think block, then a box — EasyR1's `<think>.*</think>.*\\boxed{.*}.*`, stricter in
+    refusing duplicated tags, lenient about leading whitespace and trailing text (EasyR1's behaviour).
+    plain: a complete `\\boxed{…}` anywhere.
     """
     if fmt.template == "plain":
         return float(bool(boxed_spans(response)))
     structure = parse_structure(response, fmt)
-    return float(structure is not None and bool(boxed_spans(response, structure.after)))
+    if structure is None:
+        return 0.0
+    boxes = boxed_spans(response, structure.after)
+    if fmt.template == "structured":
+        return float(len(boxes) == 1 and not response[boxes[0][1]:].strip())
+    return float(bool(boxes))
 
 
 REWARD_FUNCTIONS: dict[str, Callable[[str, Sample, ResponseFormat], float]] = {

@@ -214,7 +214,7 @@ def policy_update(run: Run, batch: RolloutBatch, shaping: Shaping, x: ShapeInput
     """Mini-batches of gradient accumulation over micro-batches; one optimizer step per mini-batch."""
     cfg, policy = run.cfg, run.policy
     algo = cfg.algorithm
-    mask = batch.response_mask.float()
+    mask = x.mask  # the loss mask: response tokens, less the truncated rows under overlong filtering
     n = batch.size
     order = list(range(n))
     stats: dict[str, list[float]] = {}
@@ -287,6 +287,12 @@ def rl_step(run: Run, step: int) -> dict:
 
     # 3. rewards and group advantages
     rewards_list, per_fn, reward_metrics = run.rewarder.compute(batch.texts, batch.samples(), step)
+    lengths = batch.response_mask.sum(dim=1)
+    if cfg.algorithm.overlong == "punish":  # DAPO's soft overlong punishment, part of the reward
+        penalty = grpo.overlong_penalty(lengths, batch.truncated, cfg.rollout.max_new_tokens,
+                                        cfg.algorithm.overlong_buffer, cfg.algorithm.overlong_penalty)
+        per_fn["overlong"] = penalty.tolist()
+        rewards_list = [r + p for r, p in zip(rewards_list, per_fn["overlong"])]
     rewards = torch.tensor(rewards_list, dtype=torch.float32)
     adv_seq = grpo.group_advantages(rewards, cfg.rollout.group_size, scale=cfg.algorithm.adv_scale)
     metrics: dict[str, float] = {
@@ -299,13 +305,15 @@ def rl_step(run: Run, step: int) -> dict:
     metrics["format_rate"] = metrics.get("reward/format/mean", float("nan"))
     metrics.update(reward_metrics)  # reward/<name>/failures of user rewards
 
-    # 4. dynamic sampling (DAPO): keep groups whose rewards differ
+    # 4. dynamic sampling (DAPO): keep groups whose accuracy (or total reward) differs
     if cfg.algorithm.dynamic_sampling:
-        keep = grpo.dynamic_sampling_keep(rewards, cfg.rollout.group_size)
+        keep = grpo.dynamic_sampling_keep(filter_key(cfg, rewards, per_fn), cfg.rollout.group_size)
         metrics["dynamic_sampling/kept_groups_frac"] = float(keep.float().mean())
         rows = [i for i in range(batch.size) if keep[i // cfg.rollout.group_size]]
-        if not rows:
+        if not rows:  # nothing to learn from: no update, but the LR schedule still follows the step number
+            run.scheduler.step()
             metrics["update/skipped_no_signal"] = 1.0
+            metrics["optim/lr"] = run.scheduler.get_last_lr()[0]
             metrics["time/step"] = time.perf_counter() - t_start
             return metrics
         batch, adv_seq = subset(batch, rows), adv_seq[rows]
@@ -320,11 +328,16 @@ def rl_step(run: Run, step: int) -> dict:
     passes = run_passes(policy, batch, micro_batch=run.micro_batch, chunk=cfg.train.logprob_chunk,
                         temperature=cfg.rollout.temperature, need_ref=cfg.algorithm.beta > 0,
                         need_corrupted=spec.needs_corrupted, need_removed=spec.needs_removed(cfg.algorithm),
+                        removed_on_corrupted=cfg.algorithm.srpo.consistency == "perception_only",
                         need_focus=spec.needs_focus, roles=roles, corruption=corruption, seed=cfg.train.seed * 1_000_003 + step)
     t_passes = time.perf_counter() - t0
 
     # 6. token advantages: the algorithm's shaping of the sequence advantage
-    x = ShapeInputs(adv_seq=adv_seq, mask=batch.response_mask.float(), roles=roles, passes=passes,
+    loss_mask = batch.response_mask.float()
+    if cfg.algorithm.overlong == "filter":  # DAPO's overlong filtering: truncated responses get no gradient
+        loss_mask = loss_mask * (~batch.truncated).float()[:, None]
+        metrics["overlong/filtered_frac"] = float(batch.truncated.float().mean())
+    x = ShapeInputs(adv_seq=adv_seq, mask=loss_mask, roles=roles, passes=passes,
                     group_size=cfg.rollout.group_size, cfg=cfg.algorithm, step=step, total_steps=cfg.train.steps)
     shaping = spec.shape(x)
     metrics.update(shaping.metrics)
@@ -347,6 +360,15 @@ def rl_step(run: Run, step: int) -> dict:
         records = token_event_records(run, batch, rewards_list, shaping, roles, step)
         run.events.write("tokens", step, algorithm=cfg.algorithm.name, samples=records)
     return metrics
+
+
+def filter_key(cfg: RunConfig, rewards: torch.Tensor, per_fn: dict[str, list[float]]) -> torch.Tensor:
+    """What dynamic sampling compares within a group: accuracy, as DAPO's and EasyR1's code do (a group
+    that is all wrong but differs in format carries no answer signal), or the total reward. Without an
+    accuracy reward in the recipe, the total reward is the only key there is."""
+    if cfg.algorithm.filter_on == "accuracy" and "accuracy" in per_fn:
+        return torch.tensor(per_fn["accuracy"], dtype=torch.float32)
+    return rewards
 
 
 def corruption_params(cfg: RunConfig) -> dict:
@@ -503,7 +525,7 @@ def periodic_eval(run: Run, step: int) -> dict:
 
     result = evaluate(run.policy, run.test_set[:run.cfg.train.eval_samples], run.cfg.data.template, run.fmt,
                       max_new_tokens=run.cfg.rollout.max_new_tokens, answer_fallback=run.cfg.reward.answer_fallback)
-    run.events.write("eval", step, **result)
+    run.events.write("eval", step, **{k: v for k, v in result.items() if k != "item_accuracy"})
     run.trackers.log_eval(step, {k: v for k, v in result.items() if k != "item_accuracy"})
     return result
 

@@ -106,3 +106,21 @@ def test_parser_only_raises_config_errors(sections):
         config_from_dict({**BASE, **sections})
     except ConfigError:
         pass
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"rollout": {"top_p": 0.99}}, "rollout.top_p"),
+    ({"rollout": {"top_k": 50}}, "rollout.top_k"),
+    ({"lora": {"dropout": 0.05}}, "lora.dropout"),
+    ({"algorithm": {"name": "dapo", "filter_on": "format"}}, "algorithm.filter_on"),
+    ({"algorithm": {"name": "dapo", "overlong": "cut"}}, "algorithm.overlong"),
+    ({"algorithm": {"name": "srpo", "srpo": {"consistency": "both"}}}, "algorithm.srpo.consistency"),
+])
+def test_sampling_and_scoring_must_agree_and_new_keys_are_checked(override, needle):
+    """Truncated sampling (top-p/top-k) or dropout would make the old log-probs differ from the sampler."""
+    from lite_srpo.config import config_from_dict
+    from lite_srpo.errors import ConfigError
+
+    data = {"model": {"path": "m"}, "data": {"task": "count_shapes"}, **override}
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        config_from_dict(data)

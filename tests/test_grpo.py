@@ -204,3 +204,18 @@ def test_kl_k3_by_hand():
     #                   5 -> e^5 - 6 = 142.41 -> clamp 10
     expected = torch.tensor([[0.0, math.e - 2.0, math.exp(-1.0), 10.0, 10.0]], dtype=F64)
     assert torch.allclose(grpo.kl_k3(logp, ref), expected, atol=1e-12)
+
+
+def test_overlong_penalty_hand_computed():
+    """DAPO's soft overlong punishment with max 20, buffer 0.2 (4 tokens): 0 up to 16 tokens, then a linear
+    ramp −(L − 16)/4, and the full −1 (× penalty) for a truncated response whatever its counted length."""
+    from lite_srpo.objectives.grpo import overlong_penalty
+
+    lengths = torch.tensor([10, 16, 17, 18, 20, 20])
+    truncated = torch.tensor([False, False, False, False, False, True])
+    out = overlong_penalty(lengths, truncated, max_len=20, buffer_frac=0.2, penalty=1.0)
+    assert torch.allclose(out, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]))
+    half = overlong_penalty(lengths, truncated, max_len=20, buffer_frac=0.2, penalty=0.5)
+    assert torch.allclose(half, 0.5 * out)
+    only_truncation = overlong_penalty(lengths, truncated, max_len=20, buffer_frac=0.0)
+    assert torch.equal(only_truncation, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, -1.0]))

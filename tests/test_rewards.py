@@ -204,6 +204,10 @@ def test_accuracy_reward_uses_the_fallback():
     ("<think>a</think><think>b</think>\\boxed{1}", 0, 0, 1),  # duplicated think
     ("\\boxed{3}", 0, 0, 1),
     ("Sure. <think>a</think>\\boxed{1}", 0, 0, 1),
+    # structured: nothing but whitespace after the one box (a run-on repeat of the box loses the format bonus)
+    ("<perception>a</perception><think>b</think>\\boxed{3}\n\\boxed{3}", 0, 0, 1),
+    ("<perception>a</perception><think>b</think>\\boxed{3} and more", 0, 0, 1),
+    ("<perception>a</perception><think>b</think>\nso \\boxed{3}\n  ", 1, 0, 1),
 ])
 def test_format_reward_per_template(response, structured, think, plain):
     s = _sample()

@@ -76,15 +76,36 @@ def test_role_weights_hand_computed_2x6():
 def test_role_weights_renormalized_2x6():
     d, e, roles, mask = _example_2x6()
     w = srpo.role_weights(d, e, roles, mask, lam=0.5, tau=1.0, renormalize=True)
-    # Row 0 mean over 6 valid tokens: (1.350989+0.540832+1.392958+0.830238+1+1)/6 = 1.019170
-    #   -> w/1.019170 = [1.325579, 0.530660, 1.366758, 0.814622, 0.981191, 0.981191]
-    # Row 1 mean over 4 valid tokens: (1.219667+0.631745+1.219667+1)/4 = 1.017770
-    #   -> [1.198372, 0.620715, 1.198372, 0.982541]; padding stays 1
-    expected = _t([[1.325579, 0.530660, 1.366758, 0.814622, 0.981191, 0.981191],
-                   [1.198372, 0.620715, 1.198372, 0.982541, 1.0, 1.0]])
+    # Renormalisation is over each trajectory's ROLE tokens; tags/other tokens and padding stay exactly 1.
+    # Row 0 role weights (from the unnormalised example) [1.350989, 0.540832, 1.392958, 0.830238]
+    #   mean = 4.115017 / 4 = 1.028754 -> [1.313228, 0.525715, 1.354024, 0.807032]; other tokens 1, 1
+    # Row 1 role weights [1.219667, 0.631745, 1.219667], mean = 3.071079 / 3 = 1.023693
+    #   -> [1.191438, 0.617123, 1.191438]; its "other" token and the padding stay 1
+    # (The old rule divided by the mean over ALL valid tokens: row 0 became
+    #  [1.325579, 0.530660, 1.366758, 0.814622, 0.981191, 0.981191] — the tags lost mass to nothing.)
+    expected = _t([[1.313228, 0.525715, 1.354024, 0.807032, 1.0, 1.0],
+                   [1.191438, 0.617123, 1.191438, 1.0, 1.0, 1.0]])
     assert torch.allclose(w, expected, atol=2e-6)
-    per_row_mean = (w * mask).sum(1) / mask.sum(1)
-    assert torch.allclose(per_row_mean, torch.ones(2, dtype=F64), atol=1e-12)
+    is_role = mask.bool() & (roles > 0)
+    role_mean = (w * is_role).sum(1) / is_role.sum(1)
+    assert torch.allclose(role_mean, torch.ones(2, dtype=F64), atol=1e-12)
+    assert torch.equal(w[~is_role], torch.ones(int((~is_role).sum()), dtype=F64))
+
+
+def test_renormalised_weights_do_not_move_mass_to_tags():
+    """Sparse, skewed scores (most role tokens a bit below the mean, a few far above): tanh saturates on the
+    few, so the raw role weights average below 1. Renormalising must lift the role tokens back to mean 1,
+    and never the tags (issue: tags got 1.029 while perception/reasoning got 0.969/0.965)."""
+    n_role, n_tag = 12, 4
+    scores = torch.zeros(1, n_role + n_tag, dtype=F64)
+    scores[0, 0] = 8.0  # one highly image-dependent token among eleven that are not
+    roles = torch.tensor([[1] * n_role + [0] * n_tag])
+    mask = torch.ones_like(scores)
+    raw = srpo.role_weights(scores, torch.zeros_like(scores), roles, mask, renormalize=False)
+    assert float(raw[0, :n_role].mean()) < 0.99  # the skew this test is about
+    w = srpo.role_weights(scores, torch.zeros_like(scores), roles, mask, renormalize=True)
+    assert abs(float(w[0, :n_role].mean()) - 1.0) < 1e-12
+    assert torch.equal(w[0, n_role:], torch.ones(n_tag, dtype=F64))
 
 
 @pytest.mark.parametrize("value", [0.0, 0.7, 3.3])

@@ -165,3 +165,18 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     kl = clamp(ref - logp, ±20); k3 = clamp(exp(kl) - kl - 1, ±10). Returns `[N, T]`."""
     kl = (ref_logp.to(logp.dtype) - logp).clamp(-20.0, 20.0)
     return (torch.exp(kl) - kl - 1.0).clamp(-10.0, 10.0)
+
+
+def overlong_penalty(lengths: torch.Tensor, truncated: torch.Tensor, max_len: int, buffer_frac: float,
+                     penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (DAPO §3.4, verl's `compute_score` with `overlong_buffer`) `[N]`.
+
+    With `L_b = buffer_frac · max_len`: 0 while `L ≤ max_len − L_b`; then `−penalty · (L − (max_len − L_b)) / L_b`,
+    a linear ramp to `−penalty` at the cap; a truncated response (no EOS) gets the full `−penalty`.
+    `lengths` counts each response's tokens (EOS included). With `buffer_frac = 0` only truncation is punished.
+    """
+    lengths = lengths.float()
+    buffer = buffer_frac * max_len
+    start = max_len - buffer
+    ramp = -penalty * (lengths - start).clamp(min=0) / buffer if buffer > 0 else torch.zeros_like(lengths)
+    return torch.where(truncated.bool(), torch.full_like(lengths, -penalty), ramp.clamp(min=-penalty))

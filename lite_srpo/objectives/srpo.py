@@ -83,9 +83,12 @@ def role_weights(perception_score: torch.Tensor, reasoning_score: torch.Tensor, 
     that role's score (perception_score for r = 1, reasoning_score for r = 2) over all valid role-r
     tokens of the batch. ``b_i`` = mean of ``u`` over trajectory i's role tokens (both roles together),
     and ``w = 1 + λ·tanh((u - b_i)/τ)`` on role tokens, 1 on other tokens and on padding, so
-    ``w ∈ (1 - λ, 1 + λ)``. With ``renormalize`` each trajectory's weights are divided by their mean
-    over its valid tokens (mean 1, same update mass as GRPO; still positive but no longer bounded by
-    1 ± λ); a trajectory without role tokens stays exactly 1. Returns ``w[N, T]``.
+    ``w ∈ (1 - λ, 1 + λ)``. With ``renormalize`` each trajectory's role-token weights are divided by
+    their mean over its role tokens: the mass moves between perception and reasoning tokens only, their
+    mean weight is exactly 1, and tags, braces, EOS and padding stay exactly 1. (Dividing by the mean
+    over all valid tokens instead would hand the tags the mass that the skewed, tanh-saturated role
+    weights lose.) Still positive, no longer bounded by 1 ± λ; a trajectory without role tokens stays
+    exactly 1. Returns ``w[N, T]``.
     """
     if not 0.0 < lam < 1.0:
         raise ValueError(f"lam must be in (0, 1) so weights stay positive; got {lam}")
@@ -113,10 +116,8 @@ def role_weights(perception_score: torch.Tensor, reasoning_score: torch.Tensor, 
     w = torch.where(is_role, 1.0 + lam * torch.tanh((u - baseline) / tau), ones)  # [N, T]
 
     if renormalize:
-        n_valid = valid.sum(dim=1, keepdim=True).clamp(min=1)  # [N, 1]
-        row_mean = (w * valid).sum(dim=1, keepdim=True) / n_valid  # [N, 1]
-        rescale = valid & (n_role > 0)  # rows without role tokens are left exactly 1
-        w = torch.where(rescale, w / row_mean, w)
+        role_mean = (w * is_role).sum(dim=1, keepdim=True) / n_role.clamp(min=1)  # [N, 1]
+        w = torch.where(is_role, w / role_mean, w)  # other tokens and role-free rows stay exactly 1
     return w.to(out_dtype)
 
 
