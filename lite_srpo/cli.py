@@ -74,12 +74,17 @@ def _compare():
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides on the demo recipe (all arms)")
         p.add_argument("--recipe", default=None)
         p.add_argument("--arms", default="grpo,dapo,srpo,papo,vppo,vgpo", help="comma-separated algorithms")
+        p.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
+                       help="a named arm with its own overrides, e.g. "
+                            "srpo_po='algorithm.name=srpo algorithm.srpo.consistency=perception_only' (repeatable)")
+        p.add_argument("--seeds", type=int, default=1, help="seeds per arm (train.seed, +1, ...); CIs need >= 3")
         p.add_argument("--out", default="runs/compare")
 
     def run(a: argparse.Namespace) -> int:
         from .compare import run_compare
 
-        run_compare(a.recipe, a.overrides, tuple(a.arms.split(",")), a.out)
+        arms = tuple(x for x in a.arms.split(",") if x) + tuple(a.arm)
+        run_compare(a.recipe, a.overrides, arms, a.out, seeds=a.seeds)
         return 0
     return add, run
 

@@ -1,35 +1,54 @@
-"""`lite-srpo compare`: every objective from the same warm-up checkpoint, same seeds, same budget.
+"""`lite-srpo compare`: every objective from the same warm-up checkpoint, K seeds each, with statistics.
 
-All arms share the demo task, the structured prompt, the SFT warm-up model, G, lengths, learning rate
-and steps; only `algorithm.name` (and so its preset, research/algorithms.md) changes. The table reports
-held-out accuracy, format rate, wall time per step and the extra no-grad passes' share of it.
+All arms share the task, the structured prompt, the SFT warm-up model, G, lengths, learning rate and
+steps; only the arm's overrides change (by default `algorithm.name`, and so its preset). Each arm runs
+with seeds `train.seed + 0 … K−1` (the seed sets the RL prompt order and the sampling), and each run is
+scored on the same held-out items under greedy and avg@8 (T = 1). The table gives each arm's mean with
+a 95 % interval from a two-level bootstrap (seeds, then items), and SRPO's paired difference against its
+base arm, DAPO (same seeds, same items).
 """
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .config import config_from_dict, config_to_dict, load_config
+from .config import apply_overrides, config_from_dict, config_to_dict, load_config
 from .data import load_splits
-from .demo import DEMO_RECIPE, held_out
+from .demo import DEMO_RECIPE, both_protocols, ensure_model, protocol_key, PROTOCOLS
 from .events import read_events
 from .modeling import load_policy
 from .pipeline import ensure_warmup
-from .tiny import make_tiny
+from .stats import paired_seeds_items, seeds_items_ci
 from .train import train
 
 DEFAULT_ARMS = ("grpo", "dapo", "srpo", "papo", "vppo", "vgpo")
+PAIRS = (("srpo", "dapo"),)  # (arm, its base arm): SRPO is built on the DAPO arm
 
 
-def arm_config(base: dict, algorithm: str, root: Path):
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    """`srpo` → ("srpo", ["algorithm.name=srpo"]); `srpo_po=algorithm.name=srpo algorithm.srpo.consistency=…`
+    → a named arm with its own overrides."""
+    name, sep, rest = text.partition("=")
+    if not sep:
+        return name, [f"algorithm.name={name}"]
+    return name, shlex.split(rest)
+
+
+def arm_config(base: dict, arm_overrides: list[str], shared: list[str], name: str, root: Path, seed: int):
+    """The warm-up recipe with the arm's algorithm preset applied afresh: `algorithm.*` keys come only from
+    the command line's shared overrides and the arm's own, never from another arm's preset."""
     data = dict(base)
-    data["algorithm"] = {"name": algorithm}
-    data["name"] = f"compare_{algorithm}"
+    data["algorithm"] = {}
+    data = apply_overrides(data, [o for o in shared if o.startswith("algorithm.")] + arm_overrides)
+    data["algorithm"].setdefault("name", base["algorithm"]["name"])
+    data["name"] = f"compare_{name}_s{seed}"
     data["output_dir"] = str(root)
-    return config_from_dict(data, source=f"compare arm {algorithm}")
+    data["train"] = {**data["train"], "seed": seed}
+    return config_from_dict(data, source=f"compare arm {name}")
 
 
 def step_times(run_dir: Path) -> tuple[float, float]:
@@ -40,45 +59,87 @@ def step_times(run_dir: Path) -> tuple[float, float]:
 
 
 def run_compare(recipe: str | None = None, overrides: list[str] | None = None,
-                arms: tuple[str, ...] = DEFAULT_ARMS, out_dir: str = "runs/compare") -> dict:
+                arms: tuple[str, ...] = DEFAULT_ARMS, out_dir: str = "runs/compare", seeds: int = 1) -> dict:
     root = Path(out_dir)
     cfg = load_config(recipe or DEMO_RECIPE, overrides or [])
-    if not (Path(cfg.model.path) / "config.json").is_file():
-        make_tiny("qwen2_5_vl", cfg.model.path, size="demo", seed=cfg.train.seed)
-    warm = ensure_warmup(cfg)  # one shared warm-up checkpoint for every arm
+    ensure_model(cfg)
+    warm = ensure_warmup(cfg)  # one shared warm-up checkpoint for every arm and seed
     base = config_to_dict(warm)
     _, test_set = load_splits(warm.data, seed=warm.train.seed)
+    eval_seed = warm.train.seed + 1234
     policy = load_policy(warm.model, warm.lora)
-    start = held_out(policy, warm, test_set)
+    start = both_protocols(policy, warm, test_set, eval_seed)
     del policy
-    rows = []
-    for algorithm in arms:
-        cfg_arm = arm_config(base, algorithm, root)
-        t0 = time.perf_counter()
-        run = train(cfg_arm, quiet=True, overwrite=True)
-        wall = time.perf_counter() - t0
-        result = held_out(run.policy, cfg_arm, test_set)
-        per_step, extra = step_times(run.run_dir)
-        rows.append({"algorithm": algorithm, "accuracy": result["accuracy"], "format_rate": result["format_rate"],
-                     "seconds_per_step": per_step, "extra_pass_seconds_per_step": extra,
-                     "extra_pass_share": extra / per_step if per_step == per_step and per_step > 0 else 0.0,
-                     "wall_seconds": wall})
-        print(f"[compare] {algorithm}: accuracy {result['accuracy']:.3f} ({per_step:.1f} s/step)", flush=True)
-    out = {"task": warm.data.task, "protocol": start["protocol"], "n_test": len(test_set), "steps": warm.train.steps,
-           "group_size": warm.rollout.group_size, "warmup_accuracy": start["accuracy"],
-           "warmup_format_rate": start["format_rate"], "arms": rows}
     root.mkdir(parents=True, exist_ok=True)
+    items: dict[str, dict[str, list[list[float]]]] = {}
+    rows = []
+    for text in arms:
+        name, arm_overrides = parse_arm(text)
+        items[name] = {protocol_key(p): [] for p in PROTOCOLS}
+        for k in range(seeds):
+            cfg_arm = arm_config(base, arm_overrides, overrides or [], name, root, warm.train.seed + k)
+            t0 = time.perf_counter()
+            run = train(cfg_arm, quiet=True, overwrite=True)
+            wall = time.perf_counter() - t0
+            result = both_protocols(run.policy, cfg_arm, test_set, eval_seed)
+            per_step, extra = step_times(run.run_dir)
+            for key, r in result.items():
+                items[name][key].append(r["items"])
+            rows.append({"arm": name, "overrides": arm_overrides, "seed": cfg_arm.train.seed, "wall_seconds": wall,
+                         "seconds_per_step": per_step, "extra_pass_seconds_per_step": extra,
+                         **{key: {k2: v for k2, v in r.items() if k2 != "items"} for key, r in result.items()}})
+            print(f"[compare] {name} seed {cfg_arm.train.seed}: greedy {result['greedy']['accuracy']:.3f}, "
+                  f"avg@8 {result['avg@8']['accuracy']:.3f} ({per_step:.1f} s/step)", flush=True)
+            del run
+    out = {"task": warm.data.task, "n_test": len(test_set), "steps": warm.train.steps, "seeds": seeds,
+           "group_size": warm.rollout.group_size, "lr": warm.optim.lr,
+           "warmup": {k: {k2: v for k2, v in r.items() if k2 != "items"} for k, r in start.items()},
+           "runs": rows, "arms": summarize_arms(items), "paired": paired(items), "items": items}
     (root / "compare.json").write_text(json.dumps(out, indent=1))
+    curves = compare_curves(root, rows)
+    if curves is not None:
+        out["curves"] = str(curves)
     print(format_compare(out))
     return out
 
 
+def summarize_arms(items: dict[str, dict[str, list[list[float]]]]) -> dict[str, dict]:
+    return {arm: {key: seeds_items_ci(v) for key, v in per.items()} for arm, per in items.items()}
+
+
+def paired(items: dict[str, dict[str, list[list[float]]]]) -> dict[str, dict]:
+    out = {}
+    for arm, base in PAIRS:
+        if arm in items and base in items:
+            out[f"{arm}-{base}"] = {key: paired_seeds_items(items[arm][key], items[base][key]) for key in items[arm]}
+    return out
+
+
+def compare_curves(root: Path, rows: list[dict]) -> Path | None:
+    try:
+        from .plot import write_curves
+    except ImportError:
+        return None
+    dirs = [root / f"compare_{r['arm']}_s{r['seed']}" for r in rows]
+    return write_curves(dirs, out=root / "curves.png", labels=[f"{r['arm']} s{r['seed']}" for r in rows])
+
+
+def _fmt(e: dict) -> str:
+    lo, hi = e["ci95"]
+    return f"{e['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def format_compare(r: dict) -> str:
-    lines = [f"{r['task']}: {r['n_test']} held-out samples, {r['protocol']}, {r['steps']} RL steps, G={r['group_size']}; "
-             f"warm-up accuracy {r['warmup_accuracy']:.3f}",
-             "| algorithm | held-out accuracy | format rate | s / step | extra passes s / step (share) |",
-             "|---|---|---|---|---|"]
-    for a in r["arms"]:
-        lines.append(f"| {a['algorithm']} | {a['accuracy']:.3f} | {a['format_rate']:.3f} | {a['seconds_per_step']:.2f} | "
-                     f"{a['extra_pass_seconds_per_step']:.2f} ({100 * a['extra_pass_share']:.0f}%) |")
+    w = r["warmup"]
+    lines = [f"{r['task']}: {r['n_test']} held-out items, {r['steps']} RL steps, G={r['group_size']}, lr {r['lr']:g}, "
+             f"{r['seeds']} seed(s) per arm; warm-up greedy {w['greedy']['accuracy']:.3f}, avg@8 {w['avg@8']['accuracy']:.3f}",
+             "| arm | greedy (95% CI) | avg@8, T=1 (95% CI) | s / step |", "|---|---|---|---|"]
+    for arm, s in r["arms"].items():
+        per_step = np.mean([x["seconds_per_step"] for x in r["runs"] if x["arm"] == arm])
+        lines.append(f"| {arm} | {_fmt(s['greedy'])} | {_fmt(s['avg@8'])} | {per_step:.2f} |")
+    for name, d in r["paired"].items():
+        lines.append(f"paired {name}: greedy {_fmt(d['greedy'])}, avg@8 {_fmt(d['avg@8'])}; per seed avg@8 "
+                     + ", ".join(f"{x:+.3f}" for x in d["avg@8"]["per_seed"]))
+    if r.get("curves"):
+        lines.append(f"curves: {r['curves']}")
     return "\n".join(lines)

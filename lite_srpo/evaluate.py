@@ -40,16 +40,25 @@ def evaluate(policy: PolicyModel, samples: list[Sample], template: str, fmt: Res
     correct: dict[str, list[float]] = defaultdict(list)
     formats: list[float] = []
     lengths: list[int] = []
+    truncated: list[bool] = []
+    per_item: list[float] = []  # each sample's accuracy (mean over its k responses), for bootstrap CIs
     greedy = protocol.name == "greedy"
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         prompts = [encode_prompt(policy, s, template, fmt) for s in chunk]
         batch = generate(policy, prompts, group_size=1 if greedy else protocol.k, max_new_tokens=max_new_tokens,
                          temperature=protocol.temperature, do_sample=not greedy)
-        for text, sample, length in zip(batch.texts, batch.samples(), batch.response_mask.sum(dim=1).tolist()):
-            correct[sample.task or "all"].append(accuracy_reward(text, sample, fmt, fallback=answer_fallback))
+        item_scores: dict[int, list[float]] = defaultdict(list)
+        rows = zip(batch.texts, batch.samples(), batch.prompt_of, batch.response_mask.sum(dim=1).tolist(),
+                   batch.truncated.tolist())
+        for text, sample, prompt_index, length, cut in rows:
+            score = accuracy_reward(text, sample, fmt, fallback=answer_fallback)
+            correct[sample.task or "all"].append(score)
+            item_scores[prompt_index].append(score)
             formats.append(format_reward(text, sample, fmt))
             lengths.append(int(length))
+            truncated.append(bool(cut))
+        per_item += [sum(v) / len(v) for _, v in sorted(item_scores.items())]
     every = [v for vals in correct.values() for v in vals]
     n = max(len(every), 1)
     return {
@@ -57,7 +66,9 @@ def evaluate(policy: PolicyModel, samples: list[Sample], template: str, fmt: Res
         "accuracy": sum(every) / n,
         "format_rate": sum(formats) / n,
         "mean_length": sum(lengths) / n,
+        "truncated_frac": sum(truncated) / n,
         "n_samples": len(samples),
         "n_responses": len(every),
         "per_task": {k: sum(v) / len(v) for k, v in sorted(correct.items())},
+        "item_accuracy": per_item,
     }
