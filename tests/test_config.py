@@ -6,7 +6,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lite_srpo.config import ALGORITHMS, config_from_dict, dump_yaml, load_config, parse_override
+from lite_srpo.config import ALGORITHMS, RunConfig, config_from_dict, dump_yaml, load_config, parse_override
 from lite_srpo.errors import ConfigError
 
 BASE = {"model": {"path": "some/model"}, "data": {"task": "count_shapes"}}
@@ -102,10 +102,15 @@ def test_yaml_is_loaded_safely(tmp_path):
                                        st.one_of(st.integers(), st.floats(allow_nan=True), st.text(), st.none(),
                                                  st.booleans()), max_size=3), max_size=3))
 def test_parser_only_raises_config_errors(sections):
+    """Any other exception fails the test; a ConfigError must say what is wrong, and a recipe with an
+    unknown section never validates."""
     try:
-        config_from_dict({**BASE, **sections})
-    except ConfigError:
-        pass
+        result = config_from_dict({**BASE, **sections})
+    except ConfigError as exc:
+        assert str(exc).strip()
+        return
+    assert isinstance(result, RunConfig)
+    assert "bogus" not in sections, "an unknown section was accepted"
 
 
 @pytest.mark.parametrize("override,needle", [
