@@ -23,6 +23,8 @@ def free_port() -> int:
 @pytest.fixture
 def served(tmp_path, monkeypatch):
     """Launch the real app (non-blocking) and close it afterwards."""
+    for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):  # the address is the test's, not the shell's
+        monkeypatch.delenv(name, raising=False)
     apps = []
 
     def serve(**kwargs):
