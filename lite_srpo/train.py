@@ -12,6 +12,7 @@ import logging
 import resource
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,7 +312,9 @@ def rl_step(run: Run, step: int) -> dict:
         metrics["dynamic_sampling/kept_groups_frac"] = float(keep.float().mean())
         rows = [i for i in range(batch.size) if keep[i // cfg.rollout.group_size]]
         if not rows:  # nothing to learn from: no update, but the LR schedule still follows the step number
-            run.scheduler.step()
+            with warnings.catch_warnings():  # torch warns when the scheduler steps before any optimizer step
+                warnings.simplefilter("ignore", UserWarning)
+                run.scheduler.step()
             metrics["update/skipped_no_signal"] = 1.0
             metrics["optim/lr"] = run.scheduler.get_last_lr()[0]
             metrics["time/step"] = time.perf_counter() - t_start
