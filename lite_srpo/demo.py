@@ -22,7 +22,7 @@ from .pipeline import ensure_warmup
 from .stats import paired_difference, with_ci
 from .tasks.base import Sample
 from .tiny import make_tiny
-from .train import response_format, train
+from .train import response_format, train, write_curves_quietly
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_cpu.yaml"
 PROTOCOLS = (Protocol("greedy"), Protocol("avg@k", k=8, temperature=1.0))
@@ -101,7 +101,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None) -> d
     result.update({"sft_seconds": t_sft, "rl_seconds": t_rl, "eval_seconds": t_eval,
                    "srpo_role_weights": srpo_role_weights(run.run_dir),
                    "total_seconds": time.perf_counter() - t_start})
-    curves = write_run_curves(run.run_dir)
+    curves = write_curves_quietly(run.run_dir)
     if curves is not None:
         result["curves"] = str(curves)
     (cfg.run_dir / "demo_result.json").write_text(json.dumps(result, indent=1))
@@ -116,15 +116,6 @@ def summarize(cfg: RunConfig, rl_cfg: RunConfig, before: dict, after: dict, n_te
     return {"task": cfg.data.task, "algorithm": rl_cfg.algorithm.name, "seed": cfg.train.seed, "n_test": n_test,
             "protocol": "greedy", "rl_steps": rl_cfg.train.steps, "lr": rl_cfg.optim.lr,
             "before": {**before["greedy"], **before}, "after": {**after["greedy"], **after}, "change": change}
-
-
-def write_run_curves(run_dir: Path) -> Path | None:
-    """curves.png next to the run's events (None when matplotlib is missing: the numbers still print)."""
-    try:
-        from .plot import write_curves
-    except ImportError:
-        return None
-    return write_curves([run_dir])
 
 
 def _ci(e: dict) -> str:

@@ -7,10 +7,7 @@ and out-of-memory retries live in `train()` around it.
 """
 from __future__ import annotations
 
-import gc
 import logging
-import resource
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +31,8 @@ from .progress import Progress
 from .prompts import ResponseFormat, token_roles
 from .reward_runner import Rewarder
 from .rollout import RolloutBatch, encode_prompt, generate
+from .runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, restore_before_step, seed_everything,
+                      state_before_step)
 from .tasks.base import Sample
 from .token_events import token_event_records
 from .trackers import Trackers, open_trackers
@@ -66,46 +65,6 @@ class Run:
     @property
     def run_dir(self) -> Path:
         return self.cfg.run_dir
-
-
-class GracefulStop:
-    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 0. Second: stop at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self) -> "GracefulStop":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a UI worker)
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt("second signal: stopping now; the last checkpoint is intact")
-        self.requested = True
-        log.warning("stop requested (%s): finishing this step, then saving a checkpoint", signal.Signals(signum).name)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def response_format(cfg: RunConfig) -> ResponseFormat:
@@ -386,48 +345,12 @@ def subset(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
                         texts=[batch.texts[i] for i in rows], truncated=batch.truncated[rows])
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _cpu_copy(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
-
-
-def _state_before_step(run: Run) -> dict:
-    """Adapter, optimizer, scheduler and RNG state (on the CPU), so a retried step starts from scratch."""
-    return {"params": [p.detach().to("cpu", copy=True) for p in run.policy.trainable_parameters()],
-            "optimizer": _cpu_copy(run.optimizer.state_dict()), "scheduler": _cpu_copy(run.scheduler.state_dict()),
-            "rng": ckpt.rng_state()}
-
-
-def _restore_before_step(run: Run, state: dict) -> None:
-    with torch.no_grad():
-        for p, saved in zip(run.policy.trainable_parameters(), state["params"]):
-            p.copy_(saved)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(state["rng"])
-
-
 def step_with_oom_retry(run: Run, step: int) -> dict:
     """Catch CUDA OOM, halve the micro-batch (then the generation batch) and retry the same step.
 
     A retry starts from the state before the step: with `train.mini_batches > 1` the failed try may
     already have applied an optimizer step, which must not be applied twice."""
-    before = _state_before_step(run)
+    before = state_before_step(run.policy.trainable_parameters(), run.optimizer, run.scheduler)
     while True:
         try:
             return rl_step(run, step)
@@ -435,7 +358,7 @@ def step_with_oom_retry(run: Run, step: int) -> dict:
             if not is_oom(exc):
                 raise
             run.optimizer.zero_grad(set_to_none=True)
-            _restore_before_step(run, before)
+            restore_before_step(run.policy.trainable_parameters(), run.optimizer, run.scheduler, before)
             free_memory()
             if run.micro_batch > 1:
                 run.micro_batch //= 2
@@ -519,8 +442,20 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
     if saved_step != cfg.train.steps:
         save(run, cfg.train.steps)
     run.events.write("status", cfg.train.steps, status="finished", message="done")
+    write_curves_quietly(run.run_dir)
     progress.close("done")
     return run
+
+
+def write_curves_quietly(run_dir: Path) -> Path | None:
+    """runs/<name>/curves.png at the end of a run; a picture that cannot be drawn never fails the run."""
+    try:
+        from .plot import write_curves
+
+        return write_curves([run_dir])
+    except Exception as exc:  # noqa: BLE001 - e.g. matplotlib missing; the numbers are in events.jsonl
+        log.warning("could not draw %s/curves.png: %s", run_dir, exc)
+        return None
 
 
 def periodic_eval(run: Run, step: int) -> dict:
