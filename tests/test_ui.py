@@ -400,3 +400,22 @@ def test_try_the_model_answers_from_the_base(tmp_path, tiny_qwen):
     good = "<perception>3 red circles</perception><think>3 is the count</think>\\boxed{3}"
     md, valid = infer.structured_markdown(good, cfg)
     assert valid and "**Perception:** 3 red circles" in md and "**Reasoning:** 3 is the count" in md and "`3`" in md
+
+
+def test_form_edits_reward_weights_including_a_user_function(tmp_path):
+    """The launch form shows the rewards as one line of YAML; a user reward `file.py:fn` is accepted and a
+    bad one is reported on that field."""
+    from ui.form import FIELDS, errors_for_field, form_values, recipe_from_form, validate
+
+    (tmp_path / "my_rewards.py").write_text("def brevity(response, sample):\n    return 1.0 - len(response) / 200\n")
+    base = {"model": {"path": "m"}, "data": {"task": "count_shapes"}}
+    values = form_values(base)
+    i = [f.key for f in FIELDS].index("reward.weights")
+    assert values[i] == "{accuracy: 0.9, format: 0.1}"
+    values[i] = f'{{accuracy: 0.9, format: 0.1, "{tmp_path / "my_rewards.py"}:brevity": 0.05}}'
+    v = validate(recipe_from_form(base, values))
+    assert v.ok, v.message
+    assert v.cfg.reward.weights[f"{tmp_path / 'my_rewards.py'}:brevity"] == 0.05
+    values[i] = f'{{"{tmp_path / "my_rewards.py"}:nope": 1.0}}'
+    bad = validate(recipe_from_form(base, values))
+    assert not bad.ok and errors_for_field(bad.errors, "reward.weights")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lite_srpo.config import (ALGORITHMS, RunConfig, apply_overrides, config_from_dict, config_to_dict,
                               load_recipe_dict)
 from lite_srpo.errors import ConfigError
@@ -23,7 +25,7 @@ from .process import LAUNCH_RECIPE, train_command
 class FormField:
     key: str  # dotted recipe key
     label: str
-    kind: str  # text | bool | choice | int | float
+    kind: str  # text | bool | choice | int | float | mapping (edited as one line of YAML)
     info: str = ""
     choices: tuple[str, ...] = ()
 
@@ -51,6 +53,8 @@ FIELDS: tuple[FormField, ...] = (
     FormField("rollout.max_new_tokens", "Max new tokens", "int", "response length cap"),
     FormField("data.max_prompt_length", "Max prompt length", "int", "longer prompts are skipped"),
     FormField("lora.r", "LoRA rank", "int", ">= 1"),
+    FormField("reward.weights", "Rewards and weights", "mapping",
+              'YAML mapping; built-ins accuracy, format, or your own "file.py:function" / "package.module:function"'),
     FormField("optim.lr", "Learning rate", "float", "> 0"),
     FormField("train.steps", "RL steps", "int", ">= 1"),
     FormField("sft.steps", "SFT warm-up steps", "int", "0 = none"),
@@ -89,7 +93,8 @@ def form_values(recipe: dict) -> list[Any]:
     out = []
     for f in FIELDS:
         v = get_key(recipe, f.key)
-        out.append(get_key(defaults, f.key) if v is None else v)
+        v = get_key(defaults, f.key) if v is None else v
+        out.append(yaml.safe_dump(v, default_flow_style=True, sort_keys=False).strip() if f.kind == "mapping" else v)
     return out
 
 
@@ -104,6 +109,11 @@ def _field_value(f: FormField, v: Any) -> Any:
         return int(v)
     if f.kind in ("text", "choice") and v is None:
         return ""
+    if f.kind == "mapping" and isinstance(v, str):
+        try:
+            return yaml.safe_load(v) if v.strip() else {}
+        except yaml.YAMLError:
+            return v  # validation then names the key: "should be a mapping"
     return v
 
 
@@ -124,7 +134,9 @@ def recipe_from_form(base: dict, values: list[Any], overrides_text: str = "") ->
     return apply_overrides(data, parse_overrides(overrides_text))
 
 
-_PROBLEM = re.compile(r"^\s*(?:-\s*)?([A-Za-z_][\w.\[\]]*)\s*:")
+# A problem line starts with its dotted key and ": ". Keys may hold '/' and ':' (a user reward such as
+# reward.weights.my_rewards.py:brevity), so the key runs to the first colon followed by a space.
+_PROBLEM = re.compile(r"^\s*(?:-\s*)?([A-Za-z_][^\s]*?):(?:\s|$)")
 
 
 def split_errors(message: str) -> dict[str, list[str]]:
