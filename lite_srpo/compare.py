@@ -91,11 +91,12 @@ def run_compare(recipe: str | None = None, overrides: list[str] | None = None,
             print(f"[compare] {name} seed {cfg_arm.train.seed}: greedy {result['greedy']['accuracy']:.3f}, "
                   f"avg@8 {result['avg@8']['accuracy']:.3f} ({per_step:.1f} s/step)", flush=True)
             del run
-    out = {"task": warm.data.task, "n_test": len(test_set), "steps": warm.train.steps, "seeds": seeds,
-           "group_size": warm.rollout.group_size, "lr": warm.optim.lr,
-           "warmup": {k: {k2: v for k2, v in r.items() if k2 != "items"} for k, r in start.items()},
-           "runs": rows, "arms": summarize_arms(items), "paired": paired(items), "items": items}
-    (root / "compare.json").write_text(json.dumps(out, indent=1))
+            out = {"task": warm.data.task, "n_test": len(test_set), "steps": warm.train.steps, "seeds": seeds,
+                   "group_size": warm.rollout.group_size, "lr": warm.optim.lr,
+                   "warmup": {k: {k2: v for k2, v in r.items() if k2 != "items"} for k, r in start.items()},
+                   "warmup_items": {k: r["items"] for k, r in start.items()},
+                   "runs": rows, "arms": summarize_arms(items), "paired": paired(items), "items": items}
+            (root / "compare.json").write_text(json.dumps(out, indent=1))  # after every run: partial results survive
     curves = compare_curves(root, rows)
     if curves is not None:
         out["curves"] = str(curves)
@@ -104,13 +105,13 @@ def run_compare(recipe: str | None = None, overrides: list[str] | None = None,
 
 
 def summarize_arms(items: dict[str, dict[str, list[list[float]]]]) -> dict[str, dict]:
-    return {arm: {key: seeds_items_ci(v) for key, v in per.items()} for arm, per in items.items()}
+    return {arm: {key: seeds_items_ci(v) for key, v in per.items() if v} for arm, per in items.items()}
 
 
 def paired(items: dict[str, dict[str, list[list[float]]]]) -> dict[str, dict]:
     out = {}
     for arm, base in PAIRS:
-        if arm in items and base in items:
+        if arm in items and base in items and len(items[arm]["greedy"]) == len(items[base]["greedy"]) > 0:
             out[f"{arm}-{base}"] = {key: paired_seeds_items(items[arm][key], items[base][key]) for key in items[arm]}
     return out
 
