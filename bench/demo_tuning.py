@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lite_srpo.config import load_config
 from lite_srpo.data import load_all_splits
+from lite_srpo.events import read_events
 from lite_srpo.demo import DEMO_RECIPE, both_protocols, ensure_model, srpo_role_weights
 from lite_srpo.modeling import load_policy
 from lite_srpo.pipeline import ensure_warmup
@@ -64,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         run = train(arm_cfg, overwrite=True, quiet=True)
         t_rl = time.perf_counter() - t0
         after = both_protocols(run.policy, arm_cfg, val, eval_seed)
+        steps_run = max((e["step"] for e in read_events(run.run_dir / "events.jsonl") if e["type"] == "metrics"),
+                        default=0)  # a stopped run (SIGINT/SIGTERM finish the step and return) is labelled as such
         row = {"seed": a.seed, "overrides": overrides, "base": a.base, "n_val": len(val), "rl_seconds": t_rl,
+               "steps_run": steps_run,
                "before": {k: {kk: vv for kk, vv in v.items() if kk != "items"} for k, v in before.items()},
                "after": {k: {kk: vv for kk, vv in v.items() if kk != "items"} for k, v in after.items()},
                "change": {k: paired_difference(after[k]["items"], before[k]["items"]) for k in before},
