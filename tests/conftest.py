@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models are built once per session, offline, with the project's own builder."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -85,3 +86,33 @@ def warm_qwen(tiny_qwen, tmp_path_factory):
     recipe = tiny_recipe(tiny_qwen, root, name="warmup", reward__weights={"accuracy": 0.9, "format": 0.1},
                          **WARM_SFT)
     return Path(ensure_warmup(config_from_dict(recipe)).model.path)
+
+
+# ------------------------------------------------------------------------------------------ shared checks
+
+
+def tree_hash(path: Path) -> str:
+    """One hash of every file's relative path and bytes under `path` (a checkpoint left untouched keeps it)."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Bitwise equality of nested state (tensors, dicts, lists, numbers)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

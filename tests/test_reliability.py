@@ -2,7 +2,6 @@
 training subprocess, then exact resume; injected NaN/inf, out-of-memory and disk-full faults; too-long
 prompts; pre-flight checks of the output directory; and the loaders that must not run code."""
 import errno
-import hashlib
 import os
 import random
 import signal
@@ -17,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
+from conftest import assert_same, tiny_recipe, tree_hash
 from lite_srpo import checkpoint as ckpt
 from lite_srpo import preflight
 from lite_srpo import train as train_mod
@@ -64,30 +63,6 @@ def metrics_of(run_dir: Path, since: float = 0.0) -> list[dict]:
 
 def adapter_of(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "adapter" / "adapter_model.safetensors"))
-
-
-def tree_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
-    return h.hexdigest()
-
-
-def assert_same(a, b, where: str = "") -> None:
-    """Bitwise equality of nested state (tensors, dicts, lists, numbers)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def step_metrics(m: dict) -> dict:

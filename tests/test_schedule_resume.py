@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
+from conftest import assert_same, tiny_recipe
 from lite_srpo import rewards
 from lite_srpo import train as train_mod
 from lite_srpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state, rng_state
@@ -67,19 +67,6 @@ def test_scheduler_applies_the_multiplier_to_the_optimizer():
 # ------------------------------------------------------------------------------------------ exact resume
 
 
-def assert_same(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def test_resume_under_warmup_and_cosine_is_bitwise_exact(tiny_qwen, tmp_path, monkeypatch):

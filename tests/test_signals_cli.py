@@ -2,7 +2,6 @@
 A real `python -m lite_srpo train` process (tiny 4-bit model) gets SIGINT twice in the middle of step 2."""
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -12,19 +11,13 @@ from pathlib import Path
 
 import yaml
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, tree_hash
 from lite_srpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state
 from lite_srpo.events import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tree_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 def test_second_sigint_exits_130_and_keeps_the_last_checkpoint(tiny_qwen, tmp_path):
