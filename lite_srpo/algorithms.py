@@ -53,6 +53,15 @@ class AlgorithmSpec:
     needs_focus: bool = False
     needs_roles: bool = False
     extra_loss: ExtraLoss | None = None
+    needs_old_scores: bool = False
+    """Shapes advantages (or per-token scores) from the old log-probs, so the old pass must run before the
+    update. Without it, and with one mini-batch, the update's own log-probs are the old ones (TRL too)."""
+
+
+def old_pass_needed(spec: AlgorithmSpec, mini_batches: int) -> bool:
+    """The separate no-grad old-log-prob pass can only differ from the update's own log-probs when a
+    mini-batch's optimizer step lands before a later mini-batch's forward (RL refuses LoRA dropout)."""
+    return spec.needs_old_scores or spec.needs_focus or mini_batches > 1
 
 
 def _broadcast(adv_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -125,7 +134,10 @@ def shape_vgpo(x: ShapeInputs) -> Shaping:
     token_f, traj_f = vgpo.advantage_factors(x.passes.focus, x.mask, x.group_size, beta=c.beta, gamma=c.gamma,
                                              kappa=c.kappa)
     w = traj_f[:, None] * token_f
+    valid = x.mask.bool()
     metrics = {"vgpo/token_factor_mean": float((token_f * x.mask).sum() / x.mask.sum().clamp(min=1)),
+               "vgpo/token_factor_min": float(token_f[valid].min()) if valid.any() else 1.0,
+               "vgpo/token_factor_max": float(token_f[valid].max()) if valid.any() else 1.0,
                "vgpo/traj_factor_mean": float(traj_f.mean())}
     return Shaping(advantages=x.adv_seq[:, None] * w, scores=x.passes.focus, weights=w, metrics=metrics)
 
@@ -134,10 +146,10 @@ ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
     "grpo": AlgorithmSpec("grpo", shape_grpo),
     "dapo": AlgorithmSpec("dapo", shape_grpo),
     "dr_grpo": AlgorithmSpec("dr_grpo", shape_grpo),
-    "srpo": AlgorithmSpec("srpo", shape_srpo, needs_corrupted=True, needs_roles=True,
+    "srpo": AlgorithmSpec("srpo", shape_srpo, needs_corrupted=True, needs_roles=True, needs_old_scores=True,
                           needs_removed=lambda cfg: cfg.srpo.consistency in ("removed", "perception_only")),
-    "papo": AlgorithmSpec("papo", shape_papo, needs_corrupted=True, extra_loss=papo_extra),
-    "vppo": AlgorithmSpec("vppo", shape_vppo, needs_corrupted=True, extra_loss=vppo_extra),
-    "vgpo": AlgorithmSpec("vgpo", shape_vgpo, needs_focus=True),
+    "papo": AlgorithmSpec("papo", shape_papo, needs_corrupted=True, extra_loss=papo_extra, needs_old_scores=True),
+    "vppo": AlgorithmSpec("vppo", shape_vppo, needs_corrupted=True, extra_loss=vppo_extra, needs_old_scores=True),
+    "vgpo": AlgorithmSpec("vgpo", shape_vgpo, needs_focus=True, needs_old_scores=True),
 }
 

@@ -27,12 +27,18 @@ def _train():
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
         p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="data-parallel processes (GPUs), started with torchrun for you; 1 = this process")
 
     def run(a: argparse.Namespace) -> int:
         from .config import load_config
         from .pipeline import run_training
 
         cfg = load_config(a.recipe, a.overrides)
+        if a.nproc != 1:
+            from .launch import launch_torchrun
+
+            return launch_torchrun(cfg, a.nproc, [a.recipe, *a.overrides], resume=a.resume, quiet=a.quiet)
         run_training(cfg, resume=a.resume, quiet=a.quiet)
         return 0
     return add, run

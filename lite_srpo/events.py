@@ -55,6 +55,19 @@ class EventWriter:
         os.replace(tmp, self.path)
 
 
+class NullEvents(EventWriter):
+    """What ranks other than 0 write to: nothing (rank 0 alone writes the run's event stream)."""
+
+    def __init__(self) -> None:
+        self.path = None
+
+    def write(self, type_: str, step: int | None = None, **payload: Any) -> dict:
+        return {"type": type_, "step": step, **payload}
+
+    def truncate_after(self, step: int) -> None:
+        return None
+
+
 def read_events(path: str | Path, offset: int = 0) -> list[dict]:
     return list(iter_events(path, offset)[0])
 

@@ -27,12 +27,19 @@ log = logging.getLogger(__name__)
 class PassOutputs:
     """Per-token vectors from the no-grad passes; absent passes stay None."""
 
-    old_logp: torch.Tensor  # [N, R]
+    old_logp: torch.Tensor | None  # [N, R]; None when the update's own log-probs stand in (`need_old`)
     ref_logp: torch.Tensor | None = None
     corrupted_logp: torch.Tensor | None = None
     removed_logp: torch.Tensor | None = None
-    focus: torch.Tensor | None = None  # VGPO visual focus rho [N, R], min-max over the whole batch
+    focus_cos: torch.Tensor | None = None  # VGPO: cos(token hidden, mean image hidden) [N, R], per row
+    focus: torch.Tensor | None = None  # VGPO visual focus rho [N, R], min-max over the batch (`with_focus`)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def with_focus(self, response_mask: torch.Tensor) -> "PassOutputs":
+        """VGPO's batch min-max over these rows; redone over the whole step after the ranks' exchange."""
+        if self.focus_cos is not None:
+            self.focus = vgpo.minmax_focus(self.focus_cos, response_mask)
+        return self
 
 
 def micro_batches(n: int, size: int) -> list[list[int]]:
@@ -71,14 +78,20 @@ def _timed(seconds: dict[str, float], name: str):
 
 def corrupted_visuals(policy: PolicyModel, batch: RolloutBatch, kind: str, seed: int, per_response: bool,
                       params: dict) -> list[dict[str, torch.Tensor]] | None:
-    """One corrupted copy of the images per response (or per prompt), same size; None if no images."""
+    """One corrupted copy of the images per response (or per prompt), same size; None if no images.
+
+    A copy's seed comes from the prompt's index in the step (and the response's place in its group), so
+    it is the same whichever rank holds the prompt and whichever groups dynamic sampling dropped."""
     if not any(p.sample.images for p in batch.prompts):
         log.warning("corrupted-image pass skipped: the samples carry no image")
         return None
     cache: dict[int, dict] = {}
     out = []
-    for i, p in enumerate(batch.prompt_of):
-        key = i if per_response else p
+    seen: dict[int, int] = {}
+    for p in batch.prompt_of:
+        j = seen[p] = seen.get(p, -1) + 1
+        prompt = batch.first_prompt + p
+        key = prompt * batch.prompt_of.count(p) + j if per_response else prompt
         if key not in cache:
             images = corrupt_images(batch.prompts[p].sample.images, kind=kind, seed=seed * 100_003 + key, **params)
             cache[key] = encode_visual(policy, images)
@@ -90,21 +103,24 @@ def corrupted_visuals(policy: PolicyModel, batch: RolloutBatch, kind: str, seed:
 def run_passes(policy: PolicyModel, batch: RolloutBatch, *, micro_batch: int, chunk: int, temperature: float,
                need_ref: bool, need_corrupted: bool, need_removed: bool, need_focus: bool,
                roles: torch.Tensor | None, corruption: dict, seed: int,
-               removed_on_corrupted: bool = False) -> PassOutputs:
+               removed_on_corrupted: bool = False, need_old: bool = True) -> PassOutputs:
     """Old, reference, corrupted-image and perception-removed log-probs for every response.
 
     `removed_on_corrupted` runs the perception-removed pass on the corrupted images (SRPO's
-    `consistency: perception_only`), so that image and written perception are both gone."""
+    `consistency: perception_only`), so that image and written perception are both gone.
+    `need_old=False` skips the old pass (see `old_pass_needed`); VGPO's focus always needs it."""
     n, r = batch.response_ids.shape
     seconds: dict[str, float] = {}
-    old = torch.zeros(n, r)
+    need_old = need_old or need_focus
+    old = torch.zeros(n, r) if need_old else None
     ref = torch.zeros(n, r) if need_ref else None
-    focus_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    focus_cos = torch.zeros(n, r) if need_focus else None
     with _timed(seconds, "old"), policy.policy():
-        for rows in micro_batches(n, micro_batch):
+        for rows in micro_batches(n, micro_batch) if need_old else []:
             if need_focus:
                 logp, hidden, inputs, plen = rows_logprobs(policy, batch, rows, chunk, temperature, keep_hidden=True)
-                focus_parts.append(focus_inputs(policy, hidden, inputs, plen, batch.response_ids.shape[1]))
+                resp_hidden, image_mean = focus_inputs(policy, hidden, inputs, plen, r)
+                focus_cos[rows] = vgpo.focus_cosine(resp_hidden, image_mean, batch.response_mask[rows].bool())
             else:
                 logp = rows_logprobs(policy, batch, rows, chunk, temperature)
             old[rows] = logp.float().cpu()
@@ -130,13 +146,8 @@ def run_passes(policy: PolicyModel, batch: RolloutBatch, *, micro_batch: int, ch
             else:
                 removed = perception_removed_logprobs(policy, batch, roles, micro_batch, chunk, temperature,
                                                       visual_override=override)
-    focus = None
-    if need_focus:
-        resp_hidden = torch.cat([h for h, _ in focus_parts])
-        image_mean = torch.cat([m for _, m in focus_parts])
-        focus = vgpo.visual_focus(resp_hidden, image_mean, batch.response_mask.bool())
-    return PassOutputs(old_logp=old, ref_logp=ref, corrupted_logp=corrupted, removed_logp=removed, focus=focus,
-                       seconds=seconds)
+    return PassOutputs(old_logp=old, ref_logp=ref, corrupted_logp=corrupted, removed_logp=removed,
+                       focus_cos=focus_cos, seconds=seconds).with_focus(batch.response_mask)
 
 
 def perception_removed_logprobs(policy: PolicyModel, batch: RolloutBatch, roles: torch.Tensor, micro_batch: int,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .data import load_splits
+from .distributed import init_from_env, report_failure, shutdown, sync
 from .events import EventWriter
 from .sft import sft_warmup
 from .train import Run, train
@@ -35,4 +36,23 @@ def with_model_path(cfg: RunConfig, path: str | Path) -> RunConfig:
 
 
 def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> Run:
-    return train(ensure_warmup(cfg), resume=resume, quiet=quiet)
+    """One process, or one rank of a torchrun / accelerate job (the launcher's environment says which).
+
+    The SFT warm-up runs on rank 0 alone; the other ranks wait for it and load the same model."""
+    ctx = init_from_env()
+    try:
+        if ctx.is_main:
+            warm = ensure_warmup(cfg)
+        sync(ctx)
+        if not ctx.is_main:
+            warm = ensure_warmup(cfg)  # on disk by now: only the path changes
+        return train(warm, resume=resume, quiet=quiet, ctx=ctx)
+    except Exception as exc:
+        if not ctx.enabled:
+            raise
+        failure = report_failure(ctx, exc)  # the other ranks stop too, with this rank's message
+        if failure is exc:
+            raise
+        raise failure from exc
+    finally:
+        shutdown(ctx)

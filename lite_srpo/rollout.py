@@ -8,7 +8,7 @@ zeros over the response; without it Qwen2.5-VL silently falls back to 1-D positi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,9 @@ class RolloutBatch:
     texts: list[str]
     truncated: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
     extras: dict[str, Any] = field(default_factory=dict)
+    first_prompt: int = 0
+    """Index of `prompts[0]` among the step's prompts of all ranks (0 in a single process); seeds use it
+    so that a prompt's samples and corruptions do not depend on how many ranks share the step."""
 
     @property
     def size(self) -> int:
@@ -145,8 +148,12 @@ def pad_token_id(policy: PolicyModel) -> int:
 @torch.no_grad()
 def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
-             batch_prompts: int = 0) -> RolloutBatch:
-    """Sample `group_size` responses per prompt (adapter on, vision special tokens suppressed)."""
+             batch_prompts: int = 0, seed_of: Callable[[int], int] | None = None) -> RolloutBatch:
+    """Sample `group_size` responses per prompt (adapter on, vision special tokens suppressed).
+
+    `seed_of(i)` seeds the sampler before the generate call whose first prompt is `prompts[i]`: the
+    samples then depend only on the seed, the step and the prompts, not on what ran before (an
+    evaluation, another rank's share)."""
     pad_id = pad_token_id(policy)
     eos = eos_token_ids(policy)
     chunks = [prompts] if batch_prompts <= 0 else [prompts[i:i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
@@ -159,7 +166,9 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     with policy.policy(), policy.generation_mode():
-        for chunk in chunks:
+        for k, chunk in enumerate(chunks):
+            if seed_of is not None:
+                torch.manual_seed(seed_of(k * (batch_prompts if batch_prompts > 0 else 0)))
             inputs, prompt_len = collate(chunk, pad_id, device=policy.device)
             out = policy.hf.generate(**inputs, **gen_kwargs)
             pieces.append(out[:, prompt_len:].cpu())

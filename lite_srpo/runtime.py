@@ -41,6 +41,11 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
+def sampling_seed(seed: int, step: int, prompt_index: int) -> int:
+    """The sampler's seed for the generate call that starts at the step's `prompt_index`-th prompt."""
+    return int(np.random.SeedSequence([seed, step, prompt_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def seed_everything(seed: int) -> None:
     import random
 

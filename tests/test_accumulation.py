@@ -111,9 +111,12 @@ def test_micro_batch_1_equals_micro_batch_4(tiny_qwen, tmp_path, algorithm, agg)
     (g4, w4, m4), (g1, w1, m1) = results[4], results[1]
     assert any(float(g.abs().max()) > 0 for n, g in g4.items() if "lora_A" in n)
     assert_close(g4, g1, 1e-5, "gradient")
-    # AdamW's first step is lr·g/(|g|+eps): entries with |g| near eps magnify round-off, so the adapter
-    # is compared to its own scale (still far below the lr-sized step every entry takes)
-    assert_close(w4, w1, 1e-5, "adapter")
+    # AdamW's first step is lr·g/(|g|+eps): entries with |g| near eps magnify round-off up to the lr itself
+    # (measured up to 2.6e-6 with lr 1e-3 on the 2-core CI-like CPU), so the adapters must agree within 1 % of the lr:
+    # a missing or doubled step moves entries by ~lr
+    lr = run.cfg.optim.lr
+    worst = max(float((w4[n] - w1[n]).abs().max()) for n in w4)
+    assert worst <= 0.01 * lr, f"adapter: max |diff| {worst:.3g} > 1 % of lr {lr}"
     assert any(float((w4[n] - start[n]).abs().max()) > 1e-4 for n in w4)  # a real step was taken
     assert m4["loss/total"] == pytest.approx(m1["loss/total"], rel=1e-5, abs=1e-7)
     if algorithm in ("papo", "vppo"):

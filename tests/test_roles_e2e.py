@@ -118,7 +118,9 @@ def test_srpo_consistency_variants_score_reasoning_tokens(warm_qwen, tmp_path, c
 @pytest.mark.parametrize("algorithm,check", [
     ("papo", lambda m: m["papo/kl_prcp"] != 0 and m["papo/extra_loss"] != 0),
     ("vppo", lambda m: 0.2 < m["vppo/kept_frac"] < 0.6 and m["vppo/alpha_max"] > m["vppo/alpha_min"]),
-    ("vgpo", lambda m: m["vgpo/token_factor_mean"] != 1.0 and m["vgpo/traj_factor_mean"] != 1.0),
+    # the token factor's mean over valid tokens is 1 by construction unless a clamp bites: its spread shows
+    ("vgpo", lambda m: m["vgpo/token_factor_max"] - m["vgpo/token_factor_min"] > 0.1
+     and m["vgpo/traj_factor_mean"] != 1.0),
 ])
 def test_peer_signals_are_live_on_warm_model(warm_qwen, tmp_path, algorithm, check):
     cfg = config_from_dict(warm_recipe(warm_qwen, tmp_path, algorithm__name=algorithm, train__steps=1))

@@ -55,11 +55,22 @@ def visual_focus(hidden: torch.Tensor, image_hidden_mean: torch.Tensor, mask: to
     normalises over its update micro-batch; here over whatever batch is passed in.
     Returns ``rho[N, T]``, 0 on padding.
     """
+    return minmax_focus(focus_cosine(hidden, image_hidden_mean, mask), mask)
+
+
+def focus_cosine(hidden: torch.Tensor, image_hidden_mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``cos(h_t, μ_v)`` per response token, 0 on padding: per row, so micro-batches (and ranks) can
+    compute it apart and the batch min-max (`minmax_focus`) runs once over the whole step."""
     valid = mask.bool()  # [N, T]
     h = _float(hidden)  # [N, T, H]
     mu = _float(image_hidden_mean).to(h.dtype).unsqueeze(1)  # [N, 1, H]
     cos = F.cosine_similarity(h, mu, dim=-1, eps=1e-8)  # [N, T]
-    cos = torch.where(valid, cos, torch.zeros_like(cos))
+    return torch.where(valid, cos, torch.zeros_like(cos))
+
+
+def minmax_focus(cos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ρ = (cos - min)/(max - min + 1e-8) over the whole batch (padding's zeros included), 0 on padding."""
+    valid = mask.bool()
     lo, hi = cos.min(), cos.max()
     rho = (cos - lo) / (hi - lo + _MINMAX_EPS)  # [N, T]
     return torch.where(valid, rho, torch.zeros_like(rho))
