@@ -147,3 +147,74 @@ def test_resume_with_another_world_size_is_refused(grpo_runs):
     result = launch(["-m", "lite_srpo", "train", str(recipe), "name=two", "--resume", "--quiet"])
     assert result.returncode == 2
     assert "written by 2 process(es) but this run has 1" in result.stderr and "--nproc 2" in result.stderr
+
+
+def test_accelerate_launch_runs_the_same_job(grpo_runs):
+    """`accelerate launch --multi_gpu` starts the ranks through torch.distributed too (gloo here: no GPU)."""
+    recipe, _, two = grpo_runs
+    ok(launch(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lite_srpo", "train", str(recipe),
+               "name=accelerate", "--quiet"]))
+    run_dir = recipe.parent / "accelerate"
+    assert events(run_dir, "status")[0]["message"].endswith("(2 processes)")
+    assert max_diff(adapter(run_dir, 2), adapter(two, 2)) <= 1e-5
+
+
+def _exchange_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo ranks: rank 0 keeps its first group (width 3), rank 1 its second (width 5)."""
+    from lite_srpo.data_parallel import StepShare, exchange
+    from lite_srpo.distributed import init_from_env, shutdown
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    ctx = init_from_env(timeout_s=60)
+    width = 3 if rank == 0 else 5
+    kept = [0, 1] if rank == 0 else [2, 3]
+    old = torch.full((2, width), float(rank + 1))
+    share = StepShare(rewards=[10.0 * rank + i for i in range(4)], per_fn={"accuracy": [float(rank)] * 4},
+                      lengths=torch.full((4,), width), truncated=torch.zeros(4, dtype=torch.bool), kept=kept,
+                      response_mask=torch.ones(2, width, dtype=torch.long), roles=None,
+                      passes={"old_logp": old, "ref_logp": None, "corrupted_logp": None, "removed_logp": None,
+                              "focus_cos": None}, violations=rank, reward_metrics={"reward/x/failures": 1.0})
+    g = exchange(ctx, share)
+    torch.save({"kept": g.kept, "row_offset": g.row_offset, "width": g.width, "old": g.passes.old_logp,
+                "mask": g.response_mask, "rewards": g.rewards, "violations": g.violations,
+                "failures": g.reward_metrics["reward/x/failures"]}, Path(out_dir) / f"{rank}.pt")
+    shutdown(ctx)
+
+
+def test_exchange_with_uneven_kept_rows_and_widths(tmp_path):
+    """Dynamic sampling kept different rows on each rank and their responses differ in width: the
+    global view is rank 0's rows then rank 1's, padded to the widest, and each rank knows its offset."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_exchange_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["kept"] == [0, 1, 6, 7] and r["width"] == 5
+        assert r["rewards"] == [0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0]
+        assert r["violations"] == 1 and r["failures"] == 2.0
+        expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [2, 2, 2, 2, 2], [2, 2, 2, 2, 2]], dtype=torch.float)
+        assert torch.equal(r["old"], expected)
+        assert torch.equal(r["mask"], (expected > 0).long())
+    assert (r0["row_offset"], r1["row_offset"]) == (0, 2)
+
+
+def test_bad_process_counts_are_refused_before_launch(tiny_qwen, tmp_path):
+    from lite_srpo.config import config_from_dict
+    from lite_srpo.errors import LiteSrpoError
+    from lite_srpo.launch import check_nproc
+
+    cfg = config_from_dict(tiny_recipe(tiny_qwen, tmp_path, rollout__prompts_per_step=6))
+    with pytest.raises(LiteSrpoError, match="prompts_per_step=6 is not divisible by the 4 ranks"):
+        check_nproc(cfg, 4, cuda_devices=0)
+    with pytest.raises(LiteSrpoError, match="this machine has 2 GPU"):
+        check_nproc(cfg, 3, cuda_devices=2)
+    check_nproc(cfg, 3, cuda_devices=0)  # CPU: gloo, any count that divides the prompts
+    result = launch(["-m", "lite_srpo", "train", "/nonexistent.yaml", "--nproc", "2"])
+    assert result.returncode == 2 and "nonexistent.yaml" in result.stderr
