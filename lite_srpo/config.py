@@ -536,3 +536,11 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def check_divisible(prompts_per_step: int, world_size: int) -> None:
+    """Groups stay whole on one rank and every rank gets the same number of prompts."""
+    if prompts_per_step % world_size:
+        raise ConfigError(f"rollout.prompts_per_step={prompts_per_step} is not divisible by the {world_size} ranks: "
+                          f"each rank samples prompts_per_step / ranks prompts (x group_size responses). Use a "
+                          f"multiple of {world_size}, or another number of processes")

@@ -24,19 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import DistContext, all_reduce_sum, gather_objects
-from .errors import ConfigError
+from .config import check_divisible  # noqa: F401 - re-exported: the launcher and the loop check the split
 from .passes import PassOutputs
 from .rollout import RolloutBatch
 
 PASS_FIELDS = ("old_logp", "ref_logp", "corrupted_logp", "removed_logp", "focus_cos")
-
-
-def check_divisible(prompts_per_step: int, world_size: int) -> None:
-    """Groups stay whole on one rank and every rank gets the same number of prompts."""
-    if prompts_per_step % world_size:
-        raise ConfigError(f"rollout.prompts_per_step={prompts_per_step} is not divisible by the {world_size} ranks: "
-                          f"each rank samples prompts_per_step / ranks prompts (x group_size responses). Use a "
-                          f"multiple of {world_size}, or another number of processes")
 
 
 def rank_share(n: int, ctx: DistContext) -> tuple[int, int]:

@@ -13,6 +13,7 @@ resident set (fp32 compute, the Python/torch/transformers baseline included).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -354,8 +355,10 @@ def _prompt(cfg: RunConfig, dims: ModelDims, prompt_tokens: int | None) -> tuple
 
 
 def _phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group_size: int,
-                 response: int) -> list[Term]:
-    """Every term of the plan for a given G and response length (all in GiB)."""
+                 response: int, ranks: int = 1) -> list[Term]:
+    """Every term of the plan for a given G and response length (all in GiB), on one rank of `ranks`:
+    a rank holds the whole model and adapter but samples and scores only prompts_per_step / ranks prompts."""
+    cfg = per_rank_config(cfg, ranks)
     b = _compute_bytes(cfg, device)
     v, h, i, n_layers, kvd = dims.vocab, dims.hidden, dims.intermediate, dims.layers, dims.kv_dim
     n_rows = group_size * cfg.rollout.prompts_per_step
@@ -397,6 +400,10 @@ def _phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, grou
         f"{lora / 1e6:.1f}M params x (4 + 4 + {opt_b:g} {opt_name}) B")
     add("rollout batch, per-token vectors", "fixed", n_rows * response * 4 * 8 + n_rows * s * 8 * 3,
         f"{n_rows} x {response} tokens x a few [N, R] tensors")
+    if ranks > 1:
+        add("the whole step's [N, R] vectors (all ranks, exchanged)", "fixed", n_rows * ranks * response * 4 * 6,
+            f"{n_rows * ranks} rows x {response} tokens x 6 fp32 vectors (CPU)")
+        add("gradient all-reduce buffer", "update", lora * 4, f"{lora / 1e6:.1f}M LoRA grads x fp32, one flat copy")
 
     # generation: all rows of one generate call decode together
     add("KV cache", "generation", gen_rows * s * n_layers * 2 * kvd * b * (1 + 1 / n_layers),
@@ -414,7 +421,7 @@ def _phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, grou
     add("streamed lm_head chunk", "passes", chunk * v * 4 * LOGITS_COPIES_NOGRAD,
         f"chunk {chunk} x V={v} x fp32 x {LOGITS_COPIES_NOGRAD:g} (independent of G and length)")
     if cfg.algorithm.name == "vgpo" and device == "cpu":
-        add("VGPO response hidden states", "passes", n_rows * response * h * 4, f"{n_rows} x {response} x H fp32")
+        add("VGPO response hidden states", "passes", m * response * h * 4, f"micro-batch {m} x {response} x H fp32")
 
     # policy update (grad), one micro-batch at a time
     per_layer = (7 * h + 2 * kvd + 4 * i) * b + 8 * h  # anchors.md §5, plus the fp32 RMSNorm copies
@@ -479,24 +486,40 @@ def _largest(fits, lo: int, hi: int) -> int | None:
     return lo
 
 
+def per_rank_config(cfg: RunConfig, ranks: int) -> RunConfig:
+    """What one rank runs: the same recipe with prompts_per_step / ranks prompts (groups stay whole)."""
+    if ranks == 1:
+        return cfg
+    from .config import check_divisible
+
+    check_divisible(cfg.rollout.prompts_per_step, ranks)
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(
+        cfg.rollout, prompts_per_step=cfg.rollout.prompts_per_step // ranks))
+
+
 def plan(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims | None = None, *,
-         device: str = "cuda", prompt_tokens: int | None = None) -> dict:
+         device: str = "cuda", prompt_tokens: int | None = None, ranks: int = 1) -> dict:
     """Predicted peak memory of one training step of `cfg` on `device` against a `gpu_mem_gib` budget.
 
     Returns the breakdown (`terms`), the peak per phase, whether it fits, and the largest group size
-    and response length that fit with everything else unchanged.
+    and response length that fit with everything else unchanged. With `ranks` > 1 every figure is per
+    rank (per GPU): each holds the model and samples prompts_per_step / ranks prompts x G responses.
     """
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"device {device!r}: choose cuda or cpu")
+    if ranks < 1:
+        raise ConfigError(f"--nproc {ranks}: needs >= 1")
+    per_rank_config(cfg, ranks)  # a clear error when the prompts do not split evenly
     dims = _as_dims(model_dims, cfg.model.path) if model_dims is not None else load_model_dims(cfg.model.path)
     prompt, img, prompt_how = _prompt(cfg, dims, prompt_tokens)
     g, r = cfg.rollout.group_size, cfg.rollout.max_new_tokens
-    terms = _phase_terms(cfg, dims, device, prompt, g, r)
+    terms = _phase_terms(cfg, dims, device, prompt, g, r, ranks)
     peak, phases, worst = _sum_phases(terms, device)
     needed = _needed(peak, device)
+    local_prompts = cfg.rollout.prompts_per_step // ranks
 
     def fits_with(group: int, resp: int) -> bool:
-        terms_at = _phase_terms(cfg, dims, device, prompt, group, resp)
+        terms_at = _phase_terms(cfg, dims, device, prompt, group, resp, ranks)
         return _needed(_sum_phases(terms_at, device)[0], device) <= gpu_mem_gib
 
     logits = max(t.gib for t in terms if t.name.startswith("streamed lm_head"))
@@ -508,14 +531,15 @@ def plan(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims
         "dims": asdict(dims),
         "shape": {"prompts_per_step": cfg.rollout.prompts_per_step, "group_size": g,
                   "responses": g * cfg.rollout.prompts_per_step, "prompt_tokens": prompt, "image_tokens": img,
-                  "prompt_how": prompt_how, "response_tokens": r,
-                  "micro_batch": min(cfg.train.micro_batch_size, g * cfg.rollout.prompts_per_step),
+                  "prompt_how": prompt_how, "response_tokens": r, "ranks": ranks,
+                  "prompts_per_rank": local_prompts, "responses_per_rank": g * local_prompts,
+                  "micro_batch": min(cfg.train.micro_batch_size, g * local_prompts),
                   "logprob_chunk": cfg.train.logprob_chunk, "load_in_4bit": cfg.model.load_in_4bit,
                   "compute_bytes": _compute_bytes(cfg, device),
                   "gradient_checkpointing": cfg.model.gradient_checkpointing},
         "terms": [asdict(t) for t in terms],
         "phases": phases, "peak_phase": worst, "peak_gib": peak, "logits_gib": logits,
-        "full_logits_gib": g * cfg.rollout.prompts_per_step * r * dims.vocab * 4 / GIB,
+        "full_logits_gib": g * local_prompts * r * dims.vocab * 4 / GIB,
         "needed_gib": needed, "budget_gib": gpu_mem_gib, "fits": needed <= gpu_mem_gib,
         "max_group_size": _largest(lambda x: fits_with(x, r), 2, 4096),
         "max_response_tokens": _largest(lambda x: fits_with(g, x), 1, 262_144),
@@ -537,6 +561,9 @@ def format_plan(p: dict) -> str:
         f"{s['prompt_tokens']} tokens ({s['prompt_how']}); responses {s['response_tokens']} tokens; micro-batch "
         f"{s['micro_batch']}; lm_head chunk {s['logprob_chunk']}; "
         f"{'4-bit NF4' if s['load_in_4bit'] else 'unquantized'} base, {s['compute_bytes']}-byte compute",
+        *([f"ranks: {s['ranks']} processes (one per GPU); each samples {s['prompts_per_rank']} prompt(s) x G="
+           f"{s['group_size']} = {s['responses_per_rank']} responses and holds the whole model: every figure "
+           "below is per rank (NCCL's own buffers are not modelled)"] if s.get("ranks", 1) > 1 else []),
         "",
         "| term | phase | GiB | how |",
         "|---|---|---:|---|",
@@ -589,6 +616,8 @@ def plan_main(argv: list[str] | None = None) -> int:
                     help="auto: cuda when --gpu-mem is given or a GPU is present, else cpu")
     ap.add_argument("--prompt-tokens", type=int, default=None,
                     help="prompt length incl. image tokens (default: estimated)")
+    ap.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="data-parallel processes: plan the memory of one rank (prompts_per_step / N prompts each)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
     try:
@@ -597,7 +626,7 @@ def plan_main(argv: list[str] | None = None) -> int:
         if device == "auto":
             device = "cuda" if a.gpu_mem is not None or _cuda_available() else "cpu"
         budget = parse_memory(a.gpu_mem) if a.gpu_mem is not None else (24.0 if device == "cuda" else _ram_gib())
-        result = plan(cfg, budget, device=device, prompt_tokens=a.prompt_tokens)
+        result = plan(cfg, budget, device=device, prompt_tokens=a.prompt_tokens, ranks=a.nproc)
     except LiteSrpoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -208,3 +208,19 @@ def test_plan_main_json_and_overrides(capsys):
     assert plan_main([str(RECIPE_7B), "rollout.max_new_tokens=512", "--gpu-mem", "24", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["shape"]["response_tokens"] == 512 and math.isfinite(data["peak_gib"])
+
+
+def test_per_rank_plan_splits_the_rows_and_adds_the_exchange():
+    """With N ranks each holds the model but only prompts_per_step / N prompts' rows: the rows' terms
+    shrink by N, the weights do not, and the step's exchanged vectors and the gradient buffer appear."""
+    cfg = config_from_dict(recipe(rollout={"prompts_per_step": 4, "group_size": 8, "generation_batch_size": 0}))
+    one, two = plan(cfg, 24.0), plan(cfg, 24.0, ranks=2)
+    terms1, terms2 = ({t["name"]: t["gib"] for t in p["terms"]} for p in (one, two))
+    assert two["shape"]["prompts_per_rank"] == 2 and two["shape"]["responses_per_rank"] == 16
+    assert terms2["weights: LLM linears (NF4 + double quant)"] == terms1["weights: LLM linears (NF4 + double quant)"]
+    assert terms2["KV cache"] == pytest.approx(terms1["KV cache"] / 2)
+    assert "gradient all-reduce buffer" in terms2 and "gradient all-reduce buffer" not in terms1
+    assert two["peak_gib"] < one["peak_gib"]
+    assert "every figure below is per rank" in format_plan(two)
+    with pytest.raises(ConfigError, match="prompts_per_step=4 is not divisible by the 3 ranks"):
+        plan(cfg, 24.0, ranks=3)

@@ -182,6 +182,25 @@ def test_form_roundtrip_and_yaml_is_the_config():
     assert config_from_dict(yaml.safe_load(text)) == v.cfg
 
 
+def test_processes_field_becomes_nproc_and_must_divide_the_prompts(tmp_path):
+    """The form's Processes field: the command gets `--nproc N`, a count that does not divide the
+    prompts per step is refused before anything is written, and a multi-process run records N (resume)."""
+    base, values = form.load_form(DEMO)
+    v = form.validate(form.recipe_from_form(base, values, ""))
+    cmd, _, yaml_path = form.preview(v.cfg, nproc=2)
+    assert cmd.endswith(f"-m lite_srpo train {yaml_path} --nproc 2")
+    assert process.train_command("r.yaml", resume=True, nproc=4)[-4:] == ["r.yaml", "--nproc", "4", "--resume"]
+    data = load_recipe_dict(DEMO)
+    data.update(name="split", output_dir=str(tmp_path))
+    cfg = config_from_dict(data)
+    bad = cfg.rollout.prompts_per_step + 1
+    out = control.launch(cfg, [tmp_path], nproc=bad)
+    assert not out.ok and f"processes={bad}" in out.message and "prompts_per_step" in out.message
+    assert not cfg.run_dir.exists()
+    if process.device_slots() == ["cpu"]:  # CPU: N gloo processes share the one CPU slot
+        assert control.free_slot([tmp_path], nproc=2) == ("cpu", "")
+
+
 def test_form_out_of_range_value_is_reported_on_its_field():
     base, values = form.load_form(DEMO)
     values[form.FIELD_KEYS.index("rollout.group_size")] = 1.0  # Gradio Numbers come back as floats

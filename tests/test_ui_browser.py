@@ -138,6 +138,14 @@ def test_ui_launch_monitor_tokens_stop_resume(app, tmp_path):
             page.wait_for_function("document.querySelector('#cmd-preview').innerText.includes('ui_run/launch_recipe')"
                                    " && !document.querySelector('#f-rollout-group-size').innerText.includes('⚠')",
                                    timeout=15_000)
+            # the Processes field becomes `--nproc N`; 2 does not divide 1 prompt per step, and says so
+            fill(page, "f-processes", "2")
+            page.wait_for_function("document.querySelector('#cmd-preview').innerText.includes('--nproc 2')"
+                                   " && document.querySelector('#form-error').innerText.includes('do not divide')",
+                                   timeout=15_000)
+            fill(page, "f-processes", "1")
+            page.wait_for_function("!document.querySelector('#cmd-preview').innerText.includes('--nproc')",
+                                   timeout=15_000)
             page.locator("#start-btn").click()
             page.wait_for_function("document.querySelector('#launch-msg').innerText.includes('Started')", timeout=20_000)
             run_dir = runs_dir / "ui_run"

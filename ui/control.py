@@ -10,7 +10,7 @@ from pathlib import Path
 from lite_srpo.checkpoint import latest_checkpoint
 from lite_srpo.config import RunConfig, dump_yaml
 
-from .process import LAUNCH_RECIPE, device_slots, is_alive, read_record, request_stop, start_training
+from .process import LAUNCH_RECIPE, device_slots, is_alive, read_record, request_stop, slot_devices, start_training
 from .runs import find_runs, summarize
 
 _lock = threading.Lock()  # check-then-spawn must not interleave between two browser sessions
@@ -30,25 +30,37 @@ def busy_slots(roots: list[str | Path]) -> dict[str, Path]:
         record = read_record(run_dir)
         if is_alive(record):
             assert record is not None
-            busy[record.slot] = run_dir
+            for device in slot_devices(record.slot):  # a multi-process run holds each of its GPUs
+                busy[device] = run_dir
     return busy
 
 
-def free_slot(roots: list[str | Path]) -> tuple[str | None, str]:
-    """A device slot with no training on it, or None and a sentence saying which run holds the device(s)."""
+def free_slot(roots: list[str | Path], nproc: int = 1) -> tuple[str | None, str]:
+    """Device slot(s) with no training on them ('cpu', or `nproc` comma-joined GPU ids), or None and a
+    sentence saying why. On the CPU, N processes share the one CPU slot (gloo)."""
     busy = busy_slots(roots)
-    for slot in device_slots():
-        if slot not in busy:
-            return slot, ""
+    free = [slot for slot in device_slots() if slot not in busy]
+    if free == ["cpu"]:
+        return "cpu", ""
+    if len(free) >= nproc:
+        return ",".join(free[:nproc]), ""
     holders = ", ".join(f"'{p.name}' on {'the CPU' if s == 'cpu' else 'GPU ' + s}" for s, p in busy.items())
+    if nproc > 1 and len(device_slots()) >= nproc:
+        return None, (f"Not started: {nproc} processes need {nproc} free GPUs, {len(free)} free"
+                      + (f" ({holders} training)" if holders else "") + ".")
+    if nproc > 1:
+        return None, f"Not started: {nproc} processes need {nproc} GPUs; this machine has {len(device_slots())}."
     return None, (f"Not started: {holders} is already training (one run at a time per device). "
                   "Stop it or wait for it to finish.")
 
 
-def launch(cfg: RunConfig, roots: list[str | Path], cwd: str | Path | None = None) -> Outcome:
+def launch(cfg: RunConfig, roots: list[str | Path], cwd: str | Path | None = None, nproc: int = 1) -> Outcome:
     run_dir = cfg.run_dir
+    if nproc < 1 or cfg.rollout.prompts_per_step % nproc:
+        return Outcome(False, f"Not started: processes={nproc} must be >= 1 and divide rollout.prompts_per_step="
+                              f"{cfg.rollout.prompts_per_step} (each process samples whole groups).")
     with _lock:
-        slot, why = free_slot(list(roots) + [cfg.output_dir])
+        slot, why = free_slot(list(roots) + [cfg.output_dir], nproc)
         if slot is None:
             return Outcome(False, why)
         if (run_dir / "events.jsonl").exists() or (run_dir / "checkpoints").exists():
@@ -57,9 +69,11 @@ def launch(cfg: RunConfig, roots: list[str | Path], cwd: str | Path | None = Non
         run_dir.mkdir(parents=True, exist_ok=True)
         yaml_path = run_dir / LAUNCH_RECIPE
         yaml_path.write_text(dump_yaml(cfg), encoding="utf-8")
-        record = start_training(run_dir, yaml_path, cwd=cwd or os.getcwd(), slot=slot)
-    where = "the CPU" if slot == "cpu" else f"GPU {slot}"
-    return Outcome(True, f"Started '{cfg.name}' on {where} (pid {record.pid}). Log: {run_dir / 'train.log'}", run_dir)
+        record = start_training(run_dir, yaml_path, cwd=cwd or os.getcwd(), slot=slot, nproc=nproc)
+    where = "the CPU" if slot == "cpu" else f"GPU{'s' if ',' in slot else ''} {slot}"
+    procs = f"{nproc} processes on " if nproc > 1 else ""
+    return Outcome(True, f"Started '{cfg.name}' on {procs}{where} (pid {record.pid}). Log: {run_dir / 'train.log'}",
+                   run_dir)
 
 
 def resume(run_dir: str | Path, roots: list[str | Path]) -> Outcome:
@@ -76,17 +90,18 @@ def resume(run_dir: str | Path, roots: list[str | Path]) -> Outcome:
             yaml_path = run_dir / "recipe.yaml"
         if not yaml_path.is_file():
             return Outcome(False, f"{run_dir}: no launch_recipe.yaml or recipe.yaml to resume from.", run_dir)
-        slot, why = free_slot(list(roots) + [run_dir.parent])
+        previous = read_record(run_dir)
+        nproc = previous.nproc if previous else 1  # --resume needs the process count that wrote the checkpoint
+        slot, why = free_slot(list(roots) + [run_dir.parent], nproc)
         if slot is None:
             return Outcome(False, why, run_dir)
-        previous = read_record(run_dir)
         cwd = previous.cwd if previous and Path(previous.cwd).is_dir() else os.getcwd()
         last = latest_checkpoint(run_dir)
         if last is None:
             events = run_dir / "events.jsonl"
             if events.exists():  # keep the failed attempt's events for reading, start a clean stream
                 events.rename(run_dir / f"events.failed-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-        record = start_training(run_dir, yaml_path, resume=last is not None, cwd=cwd, slot=slot)
+        record = start_training(run_dir, yaml_path, resume=last is not None, cwd=cwd, slot=slot, nproc=nproc)
     if last is None:
         return Outcome(True, f"No checkpoint yet: restarted '{run_dir.name}' from step 0 (pid {record.pid}).", run_dir)
     return Outcome(True, f"Resuming '{run_dir.name}' from {last.name} (pid {record.pid}).", run_dir)

@@ -175,9 +175,9 @@ def validate(data: dict) -> Validation:
         return Validation(None, split_errors(str(exc)), str(exc))
 
 
-def preview(cfg: RunConfig) -> tuple[str, str, Path]:
+def preview(cfg: RunConfig, nproc: int = 1) -> tuple[str, str, Path]:
     """(command line, YAML text, where the YAML will be saved) for a validated config."""
     from lite_srpo.config import dump_yaml
 
     yaml_path = cfg.run_dir / LAUNCH_RECIPE
-    return shlex.join(train_command(yaml_path)), dump_yaml(cfg), yaml_path
+    return shlex.join(train_command(yaml_path, nproc=nproc)), dump_yaml(cfg), yaml_path

@@ -39,13 +39,22 @@ class ProcessRecord:
     resume: bool = False
     slot: str = "cpu"
     stop_requests: int = 0
+    nproc: int = 1
     returncode: int | None = None
     extra: dict = field(default_factory=dict)
 
 
-def train_command(yaml_path: str | Path, resume: bool = False) -> list[str]:
+def train_command(yaml_path: str | Path, resume: bool = False, nproc: int = 1) -> list[str]:
+    """`lite-srpo train YAML [--resume] [--nproc N]`; N > 1 starts N data-parallel processes via torchrun."""
     cmd = [sys.executable, "-m", "lite_srpo", "train", str(yaml_path)]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
     return cmd + ["--resume"] if resume else cmd
+
+
+def slot_devices(slot: str) -> list[str]:
+    """A slot is 'cpu' or comma-separated GPU ids ('0' or '0,1' for a 2-process run)."""
+    return [s for s in slot.split(",") if s]
 
 
 def child_env(slot: str) -> dict[str, str]:
@@ -95,10 +104,11 @@ def read_record(run_dir: str | Path) -> ProcessRecord | None:
 
 
 def start_training(run_dir: str | Path, yaml_path: str | Path, *, resume: bool = False, cwd: str | Path | None = None,
-                   slot: str = "cpu") -> ProcessRecord:
+                   slot: str = "cpu", nproc: int = 1) -> ProcessRecord:
     run_dir = Path(run_dir)
-    _, record = spawn(train_command(yaml_path, resume), run_dir / LOG_FILE, cwd or os.getcwd(), slot)
+    _, record = spawn(train_command(yaml_path, resume, nproc), run_dir / LOG_FILE, cwd or os.getcwd(), slot)
     record.resume = resume
+    record.nproc = nproc
     write_record(run_dir, record)
     return record
 

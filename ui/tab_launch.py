@@ -59,14 +59,19 @@ def error_markdown(v: Validation) -> str:
     return "**Nothing will start until these are fixed:**\n" + "\n".join(lines)
 
 
-def plan_text(v: Validation, gpu_mem: float | None, device: str = "cuda") -> str:
+def processes(value: float | None) -> int:
+    """The form's processes field (data-parallel ranks, one per GPU); empty means 1."""
+    return max(1, int(value or 1))
+
+
+def plan_text(v: Validation, gpu_mem: float | None, device: str = "cuda", nproc: int = 1) -> str:
     planner = memory_planner()
     if planner is None or not v.ok:
         return ""
     plan, format_plan = planner
     budget = float(gpu_mem or 24) if device == "cuda" else psutil.virtual_memory().total / 2**30
     try:
-        result = plan(v.cfg, budget, device=device)
+        result = plan(v.cfg, budget, device=device, ranks=nproc)
     except (LiteSrpoError, ValueError, TypeError) as exc:
         return f"memory plan unavailable for this recipe: {exc}"
     return plan_as_markdown(format_plan(result))
@@ -82,6 +87,8 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
         plan_device = gr.Radio(["cuda", "cpu"], value="cuda", label="Plan memory for", scale=1,
                                visible=memory_planner() is not None, elem_id="plan-device")
         gpu_mem = gr.Number(24, label="GPU memory (GiB)", visible=memory_planner() is not None, scale=1)
+        nproc_box = gr.Number(1, precision=0, minimum=1, label="Processes", elem_id="f-processes", scale=1,
+                              info="data-parallel ranks, one per GPU (torchrun); must divide prompts per step")
     fields: list[gr.components.Component] = []
     for start in range(0, len(FIELDS), 4):
         with gr.Row():
@@ -104,11 +111,11 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
     preview_outputs = [form_error, *fields, command, yaml_box, plan_md]
 
     def do_preview(base: dict, *args: Any) -> list:
-        *values, extra, mem, device = args
+        *values, extra, mem, device, nproc = args
         v = validate(recipe_from_form(base, list(values), extra))
         if not v.ok:
             return [error_markdown(v), *field_updates(v), "", "", ""]
-        cmd, text, yaml_path = preview(v.cfg)
+        cmd, text, yaml_path = preview(v.cfg, processes(nproc))
         notes = []
         if (v.cfg.run_dir / "events.jsonl").exists():
             notes.append(f"⚠ `{v.cfg.run_dir}` already holds a run: pick another run name, or select it in the run "
@@ -117,9 +124,15 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
             notes.append(f"ℹ model `{v.cfg.model.path}` is not a local directory: it will be loaded as a hub id. "
                          "For the CPU demo press **Build a tiny model here** first.")
         note = "\n\n".join(notes)
-        return [note, *field_updates(v), f"{cmd}\n# YAML saved to {yaml_path}", text, plan_text(v, mem, device)]
+        if v.cfg.rollout.prompts_per_step % processes(nproc):
+            notes.append(f"⚠ {processes(nproc)} processes do not divide rollout.prompts_per_step="
+                         f"{v.cfg.rollout.prompts_per_step}: each process samples whole groups.")
+            note = "\n\n".join(notes)
+            return [note, *field_updates(v), f"{cmd}\n# YAML saved to {yaml_path}", text, ""]
+        return [note, *field_updates(v), f"{cmd}\n# YAML saved to {yaml_path}", text,
+                plan_text(v, mem, device, processes(nproc))]
 
-    def do_load(path: str | None, mem: float | None, device: str) -> list:
+    def do_load(path: str | None, mem: float | None, device: str, nproc: float | None) -> list:
         if not path:
             return [{}, *[gr.skip()] * len(fields), *[gr.skip()] * len(preview_outputs)]
         try:
@@ -127,15 +140,15 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
         except LiteSrpoError as exc:
             return [{}, *[gr.skip()] * len(fields), f"**Cannot read the recipe:** {exc}",
                     *[gr.skip()] * (len(preview_outputs) - 1)]
-        return [base, *values, *do_preview(base, *values, "", mem, device)]
+        return [base, *values, *do_preview(base, *values, "", mem, device, nproc)]
 
     def do_start(base: dict, *args: Any) -> list:
-        *values, extra, mem, device = args
+        *values, extra, mem, device, nproc = args
         v = validate(recipe_from_form(base, list(values), extra))
         shown = do_preview(base, *args)
         if not v.ok:
             return [*shown, "**Not started:** fix the fields marked in red.", gr.skip(), gr.skip()]
-        outcome = control.launch(v.cfg, ctx.roots, cwd=ctx.cwd)
+        outcome = control.launch(v.cfg, ctx.roots, cwd=ctx.cwd, nproc=processes(nproc))
         if not outcome.ok:
             return [*shown, f"**{outcome.message}**", gr.skip(), gr.skip()]
         ctx.add_root(v.cfg.output_dir)
@@ -155,13 +168,14 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
             return f"**building the tiny model failed:** {(done.stderr or done.stdout).strip()[-800:]}"
         return f"✅ built a tiny random Qwen2.5-VL in `{path}` (fine for the CPU demo; it learns with SFT warm-up)"
 
-    inputs = [base_state, *fields, overrides, gpu_mem, plan_device]
+    inputs = [base_state, *fields, overrides, gpu_mem, plan_device, nproc_box]
     model_field = fields[[f.key for f in FIELDS].index("model.path")]
     tiny_btn.click(do_tiny, model_field, launch_msg).then(do_preview, inputs, preview_outputs, show_progress="hidden")
-    recipe_dd.change(do_load, [recipe_dd, gpu_mem, plan_device], [base_state, *fields, *preview_outputs],
+    recipe_dd.change(do_load, [recipe_dd, gpu_mem, plan_device, nproc_box], [base_state, *fields, *preview_outputs],
                      show_progress="hidden")
-    gr.on([f.change for f in fields] + [overrides.change, preview_btn.click, gpu_mem.change, plan_device.change],
+    gr.on([f.change for f in fields] + [overrides.change, preview_btn.click, gpu_mem.change, plan_device.change,
+           nproc_box.change],
           do_preview, inputs, preview_outputs,
           show_progress="hidden", trigger_mode="always_last")
     start_btn.click(do_start, inputs, [*preview_outputs, launch_msg, run_select, tabs], concurrency_limit=1)
-    ctx.on_page_load(do_load, [recipe_dd, gpu_mem, plan_device], [base_state, *fields, *preview_outputs])
+    ctx.on_page_load(do_load, [recipe_dd, gpu_mem, plan_device, nproc_box], [base_state, *fields, *preview_outputs])
