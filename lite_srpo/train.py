@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .algorithms import ALGORITHM_SPECS, AlgorithmSpec, Shaping, ShapeInputs, old_pass_needed
 from .config import RunConfig, config_to_dict, dump_yaml
 from .data import load_splits
-from .data_parallel import (GlobalStep, StepShare, check_divisible, exchange, local_rows, merge_stats, pad_batch, passes_share,
+from .data_parallel import (StepShare, check_divisible, exchange, local_rows, merge_stats, pad_batch, passes_share,
                             rank_share, reduce_gradients)
 from .distributed import SINGLE, DistContext, RankFailure, gather_objects, report_failure, sync
 from .errors import LiteSrpoError
@@ -31,11 +31,13 @@ from .optim import build_optimizer, build_scheduler
 from .passes import rows_logprobs, run_passes
 from .preflight import check_disk_space, check_output_dir, checkpoint_bytes
 from .progress import Progress
-from .prompts import ResponseFormat, token_roles
+from .prompts import ResponseFormat
 from .reward_runner import Rewarder
-from .rollout import RolloutBatch, encode_prompt, generate, pad_token_id
+from .rollout import RolloutBatch, generate, pad_token_id
 from .runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, restore_before_step, sampling_seed,
                       seed_everything, state_before_step)
+from .step_parts import (batch_roles, corruption_params, encode_prompts, filter_key, prompts_for_step, step_metrics,
+                         subset)
 from .tasks.base import Sample
 from .token_events import token_event_records
 from .trackers import Trackers, open_trackers
@@ -144,46 +146,6 @@ def check_same_world(extra: dict, ctx: DistContext, last: Path) -> None:
         raise LiteSrpoError(f"--resume: {last.name} was written by {saved} process(es) but this run has "
                             f"{ctx.world_size}; resume it {how} so that it continues exactly. To change the number "
                             "of processes, start a new run from an exported adapter")
-
-
-def prompts_for_step(train_set: list[Sample], step: int, per_step: int, seed: int) -> list[Sample]:
-    """Deterministic data order: epoch-wise permutations, so position = f(step) and resume is exact."""
-    n = len(train_set)
-    out = []
-    for j in range(per_step):
-        index = (step - 1) * per_step + j
-        epoch, pos = divmod(index, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(train_set[int(perm[pos])])
-    return out
-
-
-def encode_prompts(run: Run, samples: list[Sample]):
-    prompts = []
-    for s in samples:
-        p = encode_prompt(run.policy, s, run.cfg.data.template, run.fmt)
-        if p.length > run.cfg.data.max_prompt_length:
-            log.warning("skipping %s: prompt is %d tokens (> data.max_prompt_length=%d); image tokens are never cut",
-                        s.source, p.length, run.cfg.data.max_prompt_length)
-            continue
-        prompts.append(p)
-    if not prompts:
-        raise LiteSrpoError(f"every prompt of this step exceeds data.max_prompt_length={run.cfg.data.max_prompt_length}; "
-                            "raise it or lower the image resolution")
-    return prompts
-
-
-def batch_roles(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, int]:
-    """Role ids per response token (0 other, 1 perception, 2 reasoning) and the format-violation count."""
-    roles = torch.zeros_like(batch.response_ids)
-    violations = 0
-    for i in range(batch.size):
-        length = int(batch.response_mask[i].sum())
-        ids = batch.response_ids[i, :length].tolist()
-        r, valid = token_roles(run.policy.tokenizer, ids, run.fmt)
-        roles[i, :length] = torch.tensor(r, dtype=torch.long)
-        violations += int(not valid)
-    return roles, violations
 
 
 def loss_denominator(agg: str, mini_rows: list[int], mask: torch.Tensor, max_len: int) -> float:
@@ -362,43 +324,6 @@ def rl_step(run: Run, step: int) -> dict:
         records = token_event_records(run, batch, [g.rewards[i] for i in g.kept[:batch.size]], shaping, g.roles, step)
         run.events.write("tokens", step, algorithm=cfg.algorithm.name, samples=records)
     return metrics
-
-
-def step_metrics(g: GlobalStep, rewards: torch.Tensor, group_size: int) -> dict[str, float]:
-    """Rewards, lengths and format of the whole step (all ranks, before dynamic sampling)."""
-    metrics: dict[str, float] = {
-        "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-        "completion/len_mean": float(g.lengths.float().mean()), "completion/truncated_frac": float(g.truncated.float().mean()),
-    }
-    for name, values in g.per_fn.items():
-        metrics[f"reward/{name}/mean"] = float(np.mean(values))
-    metrics["accuracy"] = metrics.get("reward/accuracy/mean", float("nan"))
-    metrics["format_rate"] = metrics.get("reward/format/mean", float("nan"))
-    metrics.update(g.reward_metrics)  # reward/<name>/failures of user rewards
-    metrics["format_violations"] = float(g.violations)
-    return metrics
-
-
-def filter_key(cfg: RunConfig, rewards: torch.Tensor, per_fn: dict[str, list[float]]) -> torch.Tensor:
-    """What dynamic sampling compares within a group: accuracy, as DAPO's and EasyR1's code do (a group
-    that is all wrong but differs in format carries no answer signal), or the total reward. Without an
-    accuracy reward in the recipe, the total reward is the only key there is."""
-    if cfg.algorithm.filter_on == "accuracy" and "accuracy" in per_fn:
-        return torch.tensor(per_fn["accuracy"], dtype=torch.float32)
-    return rewards
-
-
-def corruption_params(cfg: RunConfig) -> dict:
-    c = cfg.algorithm.corruption
-    return {"patch": {"patch": c.patch_size, "prob": c.prob}, "noise": {"std": c.noise_std},
-            "blur": {"radius": c.blur_radius}, "constant": {}}[c.kind]
-
-
-def subset(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
-    return RolloutBatch(prompts=batch.prompts, prompt_of=[batch.prompt_of[i] for i in rows],
-                        response_ids=batch.response_ids[rows], response_mask=batch.response_mask[rows],
-                        texts=[batch.texts[i] for i in rows], truncated=batch.truncated[rows],
-                        first_prompt=batch.first_prompt)
 
 
 def step_with_oom_retry(run: Run, step: int) -> dict:

@@ -255,9 +255,9 @@ def test_nonfinite_loss_or_gradient_skips_the_update_and_repeated_faults_stop_th
     now = {"step": 0, "calls": 0}
     real_update, real_loss = train_mod.policy_update, train_mod.grpo.policy_loss
 
-    def update(run, batch, shaping, x):
+    def update(run, batch, shaping, x, **kwargs):
         now["step"], now["calls"] = x.step, 0
-        return real_update(run, batch, shaping, x)
+        return real_update(run, batch, shaping, x, **kwargs)
 
     def loss(logp, *args, **kwargs):
         now["calls"] += 1
@@ -339,7 +339,8 @@ def test_out_of_memory_halves_micro_batch_then_generation_batch_and_gives_up_cle
                         "out of memory: retrying with rollout.generation_batch_size -> 1"]
     assert [e["step"] for e in events if e["type"] == "metrics"] == [1]
     state = load_trainer_state(latest_checkpoint(cfg.run_dir))
-    assert state["extra"] == {"micro_batch": 1, "generation_batch": 1}  # a resumed run keeps the smaller sizes
+    # a resumed run keeps the smaller sizes (and needs the same number of processes)
+    assert state["extra"] == {"micro_batch": 1, "generation_batch": 1, "world_size": 1}
     assert float(next(iter(state["optimizer"]["state"].values()))["step"]) == 1.0  # failed tries left no update
 
     # Out of memory at every size: micro-batch 2 -> 1, generation batch 2 -> 1, then a clear error.
