@@ -218,3 +218,34 @@ def test_bad_process_counts_are_refused_before_launch(tiny_qwen, tmp_path):
     check_nproc(cfg, 3, cuda_devices=0)  # CPU: gloo, any count that divides the prompts
     result = launch(["-m", "lite_srpo", "train", "/nonexistent.yaml", "--nproc", "2"])
     assert result.returncode == 2 and "nonexistent.yaml" in result.stderr
+
+
+def test_a_signal_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint(grpo_runs):
+    """SIGTERM reaches rank 1 only: the stop is agreed at the end of the step, rank 0 saves, both exit 0."""
+    import signal
+    import time
+
+    import psutil
+
+    recipe, _, _ = grpo_runs
+    run_dir = recipe.parent / "signal"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            WORKER, str(recipe), "name=signal", "train.steps=500", "train.save_every=1000", "--quiet"],
+                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run_dir / "events.jsonl").exists() and events(run_dir, "metrics")):
+            time.sleep(0.5)
+        rank1 = [p for p in psutil.Process(job.pid).children(recursive=True)
+                 if p.environ().get("RANK") == "1" and "dist_worker.py" in " ".join(p.cmdline())]
+        assert len(rank1) == 1
+        rank1[0].send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err[-3000:]
+    status = events(run_dir, "status")[-1]
+    assert status["status"] == "stopped"
+    step = status["step"]
+    assert step < 500 and (run_dir / "checkpoints" / f"step_{step:06d}").is_dir()
