@@ -120,3 +120,9 @@ def test_empty_row_and_group_size_check():
     assert torch.allclose(g, torch.tensor([1.5, 0.9]))
     with pytest.raises(ValueError, match="group_size"):
         vgpo.advantage_factors(torch.zeros(3, 2), torch.ones(3, 2), group_size=2)
+
+
+def test_focus_of_an_empty_batch_is_empty():
+    """A rank whose groups were all dropped by dynamic sampling still runs its (empty) passes."""
+    cos = vgpo.focus_cosine(torch.zeros(0, 5, 3), torch.zeros(0, 3), torch.zeros(0, 5))
+    assert vgpo.minmax_focus(cos, torch.zeros(0, 5)).shape == (0, 5)

@@ -70,6 +70,8 @@ def focus_cosine(hidden: torch.Tensor, image_hidden_mean: torch.Tensor, mask: to
 
 def minmax_focus(cos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """ρ = (cos - min)/(max - min + 1e-8) over the whole batch (padding's zeros included), 0 on padding."""
+    if cos.numel() == 0:  # no rows (dynamic sampling kept none on this rank)
+        return cos
     valid = mask.bool()
     lo, hi = cos.min(), cos.max()
     rho = (cos - lo) / (hi - lo + _MINMAX_EPS)  # [N, T]
