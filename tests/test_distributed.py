@@ -266,3 +266,13 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint(g
     assert status["status"] == "stopped"
     step = status["step"]
     assert step < 500 and (run_dir / "checkpoints" / f"step_{step:06d}").is_dir()
+
+
+def test_each_rank_loads_its_model_on_its_own_gpu(monkeypatch):
+    """No GPU here, so CUDA is mocked (and only that): after `init_from_env` set rank 1's device, the model
+    goes to cuda:1, not to cuda:0 where every rank's copy would otherwise land."""
+    from lite_srpo.modeling import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert pick_device() == torch.device("cuda", 1)
