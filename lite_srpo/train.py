@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .algorithms import ALGORITHM_SPECS, AlgorithmSpec, Shaping, ShapeInputs
+from .chunking import policy_logprob_chunk
 from .config import RunConfig, config_to_dict, dump_yaml
 from .data import load_splits
 from .errors import LiteSrpoError
@@ -190,7 +191,7 @@ def policy_update(run: Run, batch: RolloutBatch, shaping: Shaping, x: ShapeInput
         tokens = float(mask[mini_rows].sum().clamp(min=1))
         for rows in [mini_rows[i:i + run.micro_batch] for i in range(0, len(mini_rows), run.micro_batch)]:
             with policy.policy():
-                logp = rows_logprobs(policy, batch, rows, cfg.train.logprob_chunk, cfg.rollout.temperature)
+                logp = rows_logprobs(policy, batch, rows, policy_logprob_chunk(cfg, policy), cfg.rollout.temperature)
             dev = logp.device
             m = mask[rows].to(dev)
             tm = None if shaping.token_mask is None else shaping.token_mask[rows].to(dev)
@@ -287,7 +288,7 @@ def rl_step(run: Run, step: int) -> dict:
     t0 = time.perf_counter()
     corruption = dict(kind=cfg.algorithm.corruption.kind, per_response=cfg.algorithm.corruption.per_response,
                       params=corruption_params(cfg))
-    passes = run_passes(policy, batch, micro_batch=run.micro_batch, chunk=cfg.train.logprob_chunk,
+    passes = run_passes(policy, batch, micro_batch=run.micro_batch, chunk=policy_logprob_chunk(cfg, policy),
                         temperature=cfg.rollout.temperature, need_ref=cfg.algorithm.beta > 0,
                         need_corrupted=spec.needs_corrupted, need_removed=spec.needs_removed(cfg.algorithm),
                         removed_on_corrupted=cfg.algorithm.srpo.consistency == "perception_only",
