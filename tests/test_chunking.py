@@ -15,7 +15,7 @@ BENCH_TEXT = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers"
 def test_rule_is_the_largest_power_of_two_within_budget():
     v, h = 151936, 3584
     per_row = v * 4 * LOGITS_COPIES_GRAD[2] + h * 2 * 2
-    for rows in (64, 128, 512, 1024):
+    for rows in (128, 256, 512, 1024):
         assert auto_logprob_chunk(v, h, 2, rows * per_row) == rows  # exactly at the budget
         assert auto_logprob_chunk(v, h, 2, rows * per_row - 1) == rows // 2 or rows == AUTO_MIN_CHUNK
     assert auto_logprob_chunk(v, h, 2, 1.0) == AUTO_MIN_CHUNK
@@ -40,7 +40,7 @@ def test_values_for_7b_3b_and_the_bench_model():
     # 7B in 4-bit with bf16 compute: ~7 GiB of weights -> a quarter is ~1.7 GiB -> 512 rows (1.4 GiB of logits).
     assert resolved_logprob_chunk("auto", seven, True, 2) == 512
     assert resolved_logprob_chunk("auto", three, True, 2) == 256
-    # The 2-layer bench model weighs ~0.15 GiB (its tied embeddings): the floor of 64 rows applies.
+    # The 2-layer bench model weighs ~0.15 GiB (its tied embeddings): the floor of 128 rows applies.
     assert resolved_logprob_chunk("auto", bench, True, 4) == AUTO_MIN_CHUNK
     for dims, b in ((seven, 2), (three, 2)):
         chunk = resolved_logprob_chunk("auto", dims, True, b)
