@@ -24,6 +24,8 @@ import torch
 
 KEY = "vision_cache"
 SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+ENABLED = True
+"""Process-wide switch, for benchmarks that measure the uncached path (bench/vs_trl.py --ablate)."""
 
 
 @dataclass
@@ -45,7 +47,7 @@ def vision_is_frozen(policy: Any) -> bool:
 
 def supports_cache(policy: Any) -> bool:
     """The family takes precomputed image features (`mm_encoder_outputs`) and the tower is frozen."""
-    if policy.family not in SUPPORTED_FAMILIES:
+    if not ENABLED or policy.family not in SUPPORTED_FAMILIES:
         return False
     inner = getattr(policy.hf, "model", None)
     if inner is None or not hasattr(inner, "get_image_features"):
