@@ -68,8 +68,9 @@ def load(model_path: str, group: int, length: int):
     return policy, encode_prompt(policy, sample, "structured", ResponseFormat())
 
 
-def timed_rollout(policy, prompt, group: int, length: int) -> dict:
-    """One rollout with module hooks: prefill / decode split and what each decode step spends."""
+def timed_rollout(policy, prompt, group: int, length: int, sampler: bool | None = None) -> dict:
+    """One rollout with module hooks: prefill / decode split and what each decode step spends.
+    `sampler=False`: HF's multinomial sampler instead of lite-srpo's inverse-CDF one (rollout.generate)."""
     import bitsandbytes as bnb
     import torch
 
@@ -84,7 +85,7 @@ def timed_rollout(policy, prompt, group: int, length: int) -> dict:
             t.hook(m, "4-bit linears (dequant + matmul)")
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    batch = generate(policy, [prompt], group, length)
+    batch = generate(policy, [prompt], group, length, sampler=sampler)
     total = time.perf_counter() - t0
     t.close()
     fw = t.forwards
@@ -141,7 +142,7 @@ def dequant_cost(policy, rows: int) -> dict:
             "fp32_matmul_ms": 1e3 * tf, "dequantize_only_ms": 1e3 * td}
 
 
-def profiled_rollout(policy, prompt, group: int, length: int, top: int = 15) -> list[dict]:
+def profiled_rollout(policy, prompt, group: int, length: int, top: int = 15, sampler: bool | None = None) -> list[dict]:
     """A short rollout under torch.profiler: the ops that take the most CPU time (self time)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -151,7 +152,7 @@ def profiled_rollout(policy, prompt, group: int, length: int, top: int = 15) -> 
     policy.hf.generation_config.min_new_tokens = length
     torch.manual_seed(0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        generate(policy, [prompt], group, length)
+        generate(policy, [prompt], group, length, sampler=sampler)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return [{"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6,
@@ -176,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         a.length, a.profile_length = 8, 4
     model = str(build_bench_model(**dims))
     policy, prompt = load(model, a.group_size, a.length)
+    timed_hf = timed_rollout(policy, prompt, a.group_size, a.length, sampler=False)
     timed = timed_rollout(policy, prompt, a.group_size, a.length)
+    ops_hf = profiled_rollout(policy, prompt, a.group_size, a.profile_length, sampler=False)
     ops = profiled_rollout(policy, prompt, a.group_size, a.profile_length)
     dq = dequant_cost(policy, a.group_size)
+    print(f"HF multinomial sampler: generate {timed_hf['generate_s']:.1f} s, generate's own work between forwards "
+          f"{timed_hf['between_forwards_ms_per_step']:.1f} ms/step; inverse-CDF sampler (default): "
+          f"{timed['generate_s']:.1f} s ({timed['generate_s'] / timed_hf['generate_s']:.2f}x)")
     print(f"generate {timed['generate_s']:.1f} s for {timed['responses']} x {timed['new_tokens_per_row']} tokens; "
           f"prefill {timed['prefill_s']:.2f} s ({100 * timed['prefill_share']:.1f} %); decode forward "
           f"{timed['decode_forward_ms_per_step']:.1f} ms/step, generate's own work between forwards "
@@ -190,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result(a.name, {"settings": {"model": model, "G": a.group_size, "R": a.length,
                                               "profile_R": a.profile_length, "threads": a.threads,
                                               "min_new_tokens": a.length, "load_in_4bit": True, "lora_r": 16},
-                                 "timed_rollout": timed, "profiler_top_ops": ops, "dequant_microbench": dq},
+                                 "timed_rollout": timed, "profiler_top_ops": ops,
+                                 "timed_rollout_hf_sampler": timed_hf, "profiler_top_ops_hf_sampler": ops_hf,
+                                 "sampler_speedup": timed_hf["generate_s"] / timed["generate_s"],
+                                 "dequant_microbench": dq},
                         a.results_dir)
     print(f"wrote {path}")
     return 0

@@ -35,12 +35,12 @@ def test_values_for_7b_3b_and_the_bench_model():
     three = dims_from_config(KNOWN_MODELS["Qwen/Qwen2.5-VL-3B-Instruct"])
     vision = dict(KNOWN_MODELS["Qwen/Qwen2.5-VL-3B-Instruct"]["vision_config"], depth=2, hidden_size=64,
                   intermediate_size=128, out_hidden_size=256, num_heads=2)
-    bench = dims_from_config({"model_type": "qwen2_5_vl", "text_config": BENCH_TEXT, "tie_word_embeddings": True,
+    bench = dims_from_config({"model_type": "qwen2_5_vl", "text_config": BENCH_TEXT, "tie_word_embeddings": False,
                               "vision_config": vision})
     # 7B in 4-bit with bf16 compute: ~7 GiB of weights -> a quarter is ~1.7 GiB -> 512 rows (1.4 GiB of logits).
     assert resolved_logprob_chunk("auto", seven, True, 2) == 512
     assert resolved_logprob_chunk("auto", three, True, 2) == 256
-    # The 2-layer bench model weighs ~0.15 GiB (its tied embeddings): the floor of 128 rows applies.
+    # The 2-layer bench model weighs ~0.3 GiB (its fp32 embeddings and lm_head): the floor of 128 rows applies.
     assert resolved_logprob_chunk("auto", bench, True, 4) == AUTO_MIN_CHUNK
     for dims, b in ((seven, 2), (three, 2)):
         chunk = resolved_logprob_chunk("auto", dims, True, b)
