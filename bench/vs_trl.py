@@ -8,7 +8,8 @@ token-level DAPO loss (TRL's default `loss_type="dapo"`; lite-srpo `agg: token`)
 TRL keeps its other defaults. Runs alternate (ours, TRL, ours, ...) and each is a fresh process.
 
     python -m bench.vs_trl                    # R=2048, G=2: lite-srpo with the recipe defaults vs TRL
-    python -m bench.vs_trl --ablate           # + each change alone: chunk 1024, no vision-feature cache
+    python -m bench.vs_trl --ablate           # + each change alone (chunk 1024, no vision cache, HF sampler)
+                                              #   and all three together (the defaults before issue 13)
     python -m bench.vs_trl --quick            # tiny smoke test
 
 The row `lite-srpo (defaults)` runs what a recipe gets without setting anything: `train.logprob_chunk:
@@ -115,13 +116,14 @@ def trl_step_job(job: dict) -> dict:
 def run_job(job: dict) -> dict:
     if job["system"] == "trl":
         return trl_step_job(job)
-    from lite_srpo import vision_cache
+    from lite_srpo import sampling, vision_cache
 
     vision_cache.ENABLED = job.get("vision_cache", True)
+    sampling.ENABLED = job.get("sampler", "inverse_cdf") == "inverse_cdf"
     try:
         return lite_step_job(job)
     finally:
-        vision_cache.ENABLED = True
+        vision_cache.ENABLED = sampling.ENABLED = True
 
 
 def lite_name(job: dict) -> str:
@@ -129,6 +131,8 @@ def lite_name(job: dict) -> str:
     parts = [] if job["chunk"] == "auto" else [f"chunk {job['chunk']}"]
     if not job.get("vision_cache", True):
         parts.append("no vision cache")
+    if job.get("sampler", "inverse_cdf") != "inverse_cdf":
+        parts.append("HF sampler")
     return "lite-srpo (defaults)" if not parts else "lite-srpo (" + ", ".join(
         (["defaults"] if job["chunk"] == "auto" else []) + parts) + ")"
 
@@ -210,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=_chunk, nargs="+", default=["auto"],
                     help="lite-srpo train.logprob_chunk values (auto = the recipe default)")
     ap.add_argument("--ablate", action="store_true",
-                    help="also run each change alone: chunk 1024 (the old default) and the defaults without the "
-                         "vision-feature cache")
+                    help="also run each change of issue 13 alone: chunk 1024 (the old default), the defaults without "
+                         "the vision-feature cache, with HF's multinomial sampler; and all three (the old defaults)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="vs_trl")
@@ -229,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         systems = []
         variants = [{"chunk": c} for c in a.chunks]
         if a.ablate:
-            variants += [{"chunk": 1024}, {"chunk": "auto", "vision_cache": False}]
+            variants += [{"chunk": 1024}, {"chunk": "auto", "vision_cache": False}, {"chunk": "auto", "sampler": "hf"},
+                         {"chunk": 1024, "vision_cache": False, "sampler": "hf"}]
         for i, variant in enumerate(variants):
             systems.append({**base, "system": "lite", **variant, "repeat": repeat})
             if i == 0:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from .modeling import PolicyModel
 from .prompts import ResponseFormat, build_messages
+from . import sampling
 from .sampling import InverseCdfSampler
 from .tasks.base import Sample
 
@@ -156,7 +157,7 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
     eos = eos_token_ids(policy)
     chunks = [prompts] if batch_prompts <= 0 else [prompts[i:i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
     pieces: list[torch.Tensor] = []
-    own = do_sample and sampler is not False and top_p >= 1.0 and not top_k
+    own = do_sample and sampler is not False and top_p >= 1.0 and not top_k and (sampling.ENABLED or bool(sampler))
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample and not own,
                                       pad_token_id=pad_id, eos_token_id=eos,
                                       suppress_tokens=policy.suppressed_token_ids(),

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import torch
 
+ENABLED = True
+"""Process-wide switch, for benchmarks that measure HF's own sampler (bench/vs_trl.py --ablate)."""
+
 
 class InverseCdfSampler:
     """A logits processor (any `(input_ids, scores) -> scores` callable is one) that samples one token per

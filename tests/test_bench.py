@@ -120,13 +120,14 @@ def test_vs_trl_ablation_rows_and_effects(in_process, tmp_path):
     assert vs_trl.main(["--quick", "--ablate", "--results-dir", str(tmp_path), "--name", "va"]) == 0
     data = read(tmp_path / "va.json")
     assert [r["system"] for r in data["summary"]] == [
-        "lite-srpo (defaults)", "lite-srpo (chunk 1024)", "lite-srpo (defaults, no vision cache)"]
+        "lite-srpo (defaults)", "lite-srpo (chunk 1024)", "lite-srpo (chunk 1024, no vision cache, HF sampler)",
+        "lite-srpo (defaults, HF sampler)", "lite-srpo (defaults, no vision cache)"]
     effects = {e["defaults_vs"]: e for e in data["effects"]}
     base = data["summary"][0]
     for s in data["summary"][1:]:
         assert effects[s["system"]]["step_ratio"] == pytest.approx(base["step_s"] / s["step_s"])
-    from lite_srpo import vision_cache
-    assert vision_cache.ENABLED  # the switch is restored after an ablation job
+    from lite_srpo import sampling, vision_cache
+    assert vision_cache.ENABLED and sampling.ENABLED  # the switches are restored after an ablation job
 
 
 def test_gpu_7b_dry_run(in_process, tmp_path, monkeypatch):
