@@ -150,25 +150,27 @@ def row_of(res: dict) -> dict:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per lite-srpo variant: mean peak and step time over repeats, divided by TRL's."""
+    """Per lite-srpo variant: mean peak, step time and its split over repeats; divided by TRL's when TRL ran."""
     trl = [r for r in rows if r["system"].startswith("TRL")]
-    if not trl:
-        return []
-    t_peak = sum(r["peak_gib"] for r in trl) / len(trl)
-    t_time = sum(r["step_s"] for r in trl) / len(trl)
-    t_inc = sum(r["step_increase_gib"] for r in trl) / len(trl)
     out = []
-    names = sorted({r["system"] for r in rows} - {trl[0]["system"]}, key=lambda n: (n != "lite-srpo (defaults)", n))
+    names = sorted({r["system"] for r in rows if not r["system"].startswith("TRL")},
+                   key=lambda n: (n != "lite-srpo (defaults)", n))
     for name in names:
         mine = [r for r in rows if r["system"] == name]
         peak = sum(r["peak_gib"] for r in mine) / len(mine)
         step = sum(r["step_s"] for r in mine) / len(mine)
         inc = sum(r["step_increase_gib"] for r in mine) / len(mine)
         split = {f"{k}_s": _mean([r.get(f"{k}_s") for r in mine]) for k in ("generation", "passes", "update")}
-        out.append({"system": name, "peak_gib": peak, "trl_peak_gib": t_peak, "memory_ratio": peak / t_peak,
-                    "step_increase_gib": inc, "trl_step_increase_gib": t_inc, "increase_ratio": inc / t_inc,
-                    "memory_target_met": peak / t_peak <= TARGET_MEMORY_RATIO, "step_s": step, "trl_step_s": t_time,
-                    "time_ratio": step / t_time, "time_target_met": step / t_time <= TARGET_TIME_RATIO, **split})
+        row = {"system": name, "peak_gib": peak, "step_increase_gib": inc, "step_s": step, **split}
+        if trl:
+            t_peak = sum(r["peak_gib"] for r in trl) / len(trl)
+            t_time = sum(r["step_s"] for r in trl) / len(trl)
+            t_inc = sum(r["step_increase_gib"] for r in trl) / len(trl)
+            row.update({"trl_peak_gib": t_peak, "memory_ratio": peak / t_peak, "trl_step_increase_gib": t_inc,
+                        "increase_ratio": inc / t_inc, "memory_target_met": peak / t_peak <= TARGET_MEMORY_RATIO,
+                        "trl_step_s": t_time, "time_ratio": step / t_time,
+                        "time_target_met": step / t_time <= TARGET_TIME_RATIO})
+        out.append(row)
     return out
 
 
@@ -216,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablate", action="store_true",
                     help="also run each change of issue 13 alone: chunk 1024 (the old default), the defaults without "
                          "the vision-feature cache, with HF's multinomial sampler; and all three (the old defaults)")
+    ap.add_argument("--no-trl", action="store_true",
+                    help="lite-srpo variants only (with --ablate: each change's own effect, on one core)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="vs_trl")
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                          {"chunk": 1024, "vision_cache": False, "sampler": "hf"}]
         for i, variant in enumerate(variants):
             systems.append({**base, "system": "lite", **variant, "repeat": repeat})
-            if i == 0:
+            if i == 0 and not a.no_trl:
                 systems.append({**base, "system": "trl", "chunk": None, "repeat": repeat})
         for job in systems:
             res = measure_in_subprocess("bench.vs_trl", job)
@@ -255,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = ratios(rows)
     if summary:
         print()
-        print(table(summary, ["system", "peak_gib", "trl_peak_gib", "memory_ratio", "memory_target_met",
-                              "step_increase_gib", "trl_step_increase_gib", "increase_ratio", "step_s", "trl_step_s",
-                              "time_ratio", "time_target_met", "generation_s", "passes_s", "update_s"]))
+        trl_cols = ["trl_peak_gib", "memory_ratio", "memory_target_met", "trl_step_s", "time_ratio", "time_target_met"]
+        print(table(summary, ["system", "peak_gib", "step_increase_gib", "step_s", "generation_s", "passes_s",
+                              "update_s"] + (trl_cols if "trl_peak_gib" in summary[0] else [])))
     effect_rows = effects(summary)
     if effect_rows:
         print()

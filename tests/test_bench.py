@@ -114,11 +114,12 @@ def test_vs_trl_minimal(in_process, tmp_path):
 
 
 def test_vs_trl_ablation_rows_and_effects(in_process, tmp_path):
-    """--ablate: the defaults, chunk 1024, and the defaults without the vision cache, each against TRL."""
+    """--ablate: each change of issue 13 alone and all together, against the defaults (--no-trl: lite-srpo only)."""
     from bench import vs_trl
 
-    assert vs_trl.main(["--quick", "--ablate", "--results-dir", str(tmp_path), "--name", "va"]) == 0
+    assert vs_trl.main(["--quick", "--ablate", "--no-trl", "--results-dir", str(tmp_path), "--name", "va"]) == 0
     data = read(tmp_path / "va.json")
+    assert not any(r["system"].startswith("TRL") for r in data["rows"]) and "memory_ratio" not in data["summary"][0]
     assert [r["system"] for r in data["summary"]] == [
         "lite-srpo (defaults)", "lite-srpo (chunk 1024)", "lite-srpo (chunk 1024, no vision cache, HF sampler)",
         "lite-srpo (defaults, HF sampler)", "lite-srpo (defaults, no vision cache)"]
