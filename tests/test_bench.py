@@ -191,3 +191,12 @@ def test_profile_generation_minimal(tiny_bench_model, tmp_path, monkeypatch):
     assert t["prefill_s"] + t["decode_forward_s"] + t["between_forwards_s"] <= t["generate_s"]
     assert t["lm_head_calls"] == t["model_forwards"] and t["vision_calls"] == 1
     assert data["profiler_top_ops"] and data["dequant_microbench"]["linear4bit_ms"] > 0
+
+
+def test_logprob_chunk_speed_minimal(tmp_path):
+    from bench import logprob_chunk_speed
+
+    assert logprob_chunk_speed.main(["--quick", "--results-dir", str(tmp_path), "--name", "lc"]) == 0
+    data = read(tmp_path / "lc.json")
+    assert [s["chunk"] for s in data["summary"]] == [64, 16]
+    assert all(s["grad_s"] > 0 and s["nograd_s"] > 0 for s in data["summary"])
