@@ -112,6 +112,27 @@ def timed_rollout(policy, prompt, group: int, length: int, sampler: bool | None 
     }
 
 
+def alternating_sampler_ab(policy, prompt, group: int, length: int, repeats: int) -> dict:
+    """Plain wall time of whole rollouts, alternating HF's sampler and the inverse-CDF one, so that load
+    from other processes hits both alike; the ratio of the sums is the sampler's own effect."""
+    from lite_srpo.rollout import generate
+
+    policy.hf.generation_config.min_new_tokens = length
+    runs = []
+    for r in range(repeats):
+        for name, sampler in (("hf", False), ("inverse_cdf", None)):
+            t0 = time.perf_counter()
+            generate(policy, [prompt], group, length, sampler=sampler)
+            runs.append({"repeat": r, "sampler": name, "generate_s": time.perf_counter() - t0})
+    hf = sum(x["generate_s"] for x in runs if x["sampler"] == "hf")
+    inv = sum(x["generate_s"] for x in runs if x["sampler"] == "inverse_cdf")
+    out = {"R": length, "runs": runs, "ratio_inverse_cdf_over_hf": inv / hf if hf else None}
+    if runs:
+        each = ", ".join(f"{x['sampler']} {x['generate_s']:.1f} s" for x in runs)
+        print(f"alternating rollouts (R={length}): inverse-CDF / HF = {out['ratio_inverse_cdf_over_hf']:.3f} ({each})")
+    return out
+
+
 def dequant_cost(policy, rows: int) -> dict:
     """One decode-sized input through the largest 4-bit linear, against the same weight dequantized once
     to fp32: the gap is what dequantizing on every call costs."""
@@ -164,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--profile-length", type=int, default=64, help="response length of the torch.profiler rollout")
+    ap.add_argument("--ab-repeats", type=int, default=3,
+                    help="alternating HF-sampler / inverse-CDF rollouts (plain timing, no hooks) for the sampler ratio")
+    ap.add_argument("--ab-length", type=int, default=256, help="response length of the alternating rollouts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="generation_profile")
     ap.add_argument("--results-dir", default=None)
@@ -182,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ops_hf = profiled_rollout(policy, prompt, a.group_size, a.profile_length, sampler=False)
     ops = profiled_rollout(policy, prompt, a.group_size, a.profile_length)
     dq = dequant_cost(policy, a.group_size)
+    ab = alternating_sampler_ab(policy, prompt, a.group_size, a.length if a.quick else a.ab_length, a.ab_repeats)
     print(f"HF multinomial sampler: generate {timed_hf['generate_s']:.1f} s, generate's own work between forwards "
           f"{timed_hf['between_forwards_ms_per_step']:.1f} ms/step; inverse-CDF sampler (default): "
           f"{timed['generate_s']:.1f} s ({timed['generate_s'] / timed_hf['generate_s']:.2f}x)")
@@ -199,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "timed_rollout": timed, "profiler_top_ops": ops,
                                  "timed_rollout_hf_sampler": timed_hf, "profiler_top_ops_hf_sampler": ops_hf,
                                  "sampler_speedup": timed_hf["generate_s"] / timed["generate_s"],
+                                 "sampler_ab": ab,
                                  "dequant_microbench": dq},
                         a.results_dir)
     print(f"wrote {path}")
