@@ -10,10 +10,12 @@ chunk 256 ran as fast as 1,024). So `auto` sizes the chunk against the model's o
 
 rounded down to a power of two and clamped to [AUTO_MIN_CHUNK, AUTO_MAX_CHUNK]: the logits term of the
 update stays at most a quarter of the (quantised) weights, and never below 128 rows, so that each chunk
-is still one large matmul. Measured on CPU (one thread, V = 151,936, H = 256, 1,024 tokens, fp32;
-no-grad / forward+backward seconds): chunk 1024: 3.5 / 8.6; 512: 1.1 / 5.7; 256: 1.15 / 3.8;
-128: 1.2 / 4.0; 64: 1.4 / 4.4. Big chunks are slower (their [chunk, V] buffers fall out of cache),
-and below 128 rows the per-chunk overhead starts to show. Every user of the setting (trainer, SFT warm-up, planner) calls
+is still one large matmul. Measured on CPU (`python -m bench.logprob_chunk_speed`: one thread,
+V = 151,936, H = 256, 1,024 tokens, fp32; forward + backward seconds, two runs on a shared machine):
+chunk 1024: 8.6 and 5.6; 512: 5.7 and 4.7; 256: 3.8 and 4.2; 128: 4.0 and 5.2; 64: 4.4 and 4.7.
+Big chunks are slower (their [chunk, V] buffers fall out of cache); from 64 to 256 rows the
+differences are within the noise. In a whole step (bench/results/vs_trl_ablate_g8_r512.json) the
+update took 18.1 s at 128 rows against 29.2 s at 1,024. Every user of the setting (trainer, SFT warm-up, planner) calls
 `resolved_logprob_chunk` with the same weight estimate, so `lite-srpo plan` reports the chunk that
 training will use.
 """
