@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import sampling
 from .modeling import PolicyModel
 from .prompts import ResponseFormat, build_messages
-from . import sampling
 from .sampling import InverseCdfSampler
 from .tasks.base import Sample
 
