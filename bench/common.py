@@ -397,7 +397,10 @@ def lite_step_job(job: dict) -> dict:
         gc.collect()
         prompt_len = max(p.length for p in T.encode_prompts(run, T.prompts_for_step(
             run.train_set, 1, cfg.rollout.prompts_per_step, cfg.train.seed)))
-        out = {"job": job, "setup_s": setup_s, "prompt_tokens": prompt_len, "peak_setup": peak_gib()}
+        from lite_srpo.chunking import policy_logprob_chunk
+
+        out = {"job": job, "setup_s": setup_s, "prompt_tokens": prompt_len, "peak_setup": peak_gib(),
+               "logprob_chunk": policy_logprob_chunk(cfg, run.policy)}
         if not _cuda():
             out["rss_after_setup_gib"] = rss_now_gib()
         steps = []

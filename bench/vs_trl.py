@@ -7,8 +7,13 @@ checkpointing, count_shapes prompts (one 56x56 image), G responses of exactly R 
 token-level DAPO loss (TRL's default `loss_type="dapo"`; lite-srpo `agg: token`), clip 0.2/0.2, lr 1e-5.
 TRL keeps its other defaults. Runs alternate (ours, TRL, ours, ...) and each is a fresh process.
 
-    python -m bench.vs_trl                    # R=2048, G=2 (CPU: about 15 minutes)
+    python -m bench.vs_trl                    # R=2048, G=2: lite-srpo with the recipe defaults vs TRL
+    python -m bench.vs_trl --ablate           # + each change alone (chunk 1024, no vision cache, HF sampler)
+                                              #   and all three together (the defaults before issue 13)
     python -m bench.vs_trl --quick            # tiny smoke test
+
+The row `lite-srpo (defaults)` runs what a recipe gets without setting anything: `train.logprob_chunk:
+auto` and vision features encoded once per image per step (lite_srpo/vision_cache.py).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from bench.common import (apply_cap, bench_samples, build_bench_model, current_g
                           measure_in_subprocess, peak_gib, reset_peak, set_threads, table, worker_main, write_result)
 
 TARGET_MEMORY_RATIO = 0.5
-TARGET_TIME_RATIO = 1.0
+TARGET_TIME_RATIO = 0.7  # issue 13: <= 0.5x TRL peak memory and <= 0.7x its step time at the defaults
 MATCHED_ALGORITHM = {"agg": "token", "adv_scale": "group", "clip_low": 0.2, "clip_high": 0.2}
 
 
@@ -109,39 +114,96 @@ def trl_step_job(job: dict) -> dict:
 
 
 def run_job(job: dict) -> dict:
-    return trl_step_job(job) if job["system"] == "trl" else lite_step_job(job)
+    if job["system"] == "trl":
+        return trl_step_job(job)
+    from lite_srpo import sampling, vision_cache
+
+    vision_cache.ENABLED = job.get("vision_cache", True)
+    sampling.ENABLED = job.get("sampler", "inverse_cdf") == "inverse_cdf"
+    try:
+        return lite_step_job(job)
+    finally:
+        vision_cache.ENABLED = sampling.ENABLED = True
+
+
+def lite_name(job: dict) -> str:
+    """`lite-srpo (defaults)` for the recipe defaults; otherwise what differs from them."""
+    parts = [] if job["chunk"] == "auto" else [f"chunk {job['chunk']}"]
+    if not job.get("vision_cache", True):
+        parts.append("no vision cache")
+    if job.get("sampler", "inverse_cdf") != "inverse_cdf":
+        parts.append("HF sampler")
+    return "lite-srpo (defaults)" if not parts else "lite-srpo (" + ", ".join(
+        (["defaults"] if job["chunk"] == "auto" else []) + parts) + ")"
 
 
 def row_of(res: dict) -> dict:
     job = res["job"]
     key = "peak_allocated_gib" if "peak_allocated_gib" in res["peak_step"] else "peak_rss_gib"
     last = res["steps"][-1]
-    name = "TRL GRPOTrainer" if job["system"] == "trl" else f"lite-srpo (chunk {job['chunk']})"
+    name = "TRL GRPOTrainer" if job["system"] == "trl" else lite_name(job)
     return {"system": name, "repeat": job["repeat"], "G": job["G"], "R": job["R"], "peak_gib": res["peak_step"][key],
             "start_gib": last["start_gib"], "step_increase_gib": last[key] - last["start_gib"],
-            "step_s": last["time/step"], "generation_s": last.get("time/generation"),
+            "logprob_chunk": res.get("logprob_chunk"), "step_s": last["time/step"],
+            "generation_s": last.get("time/generation"),
             "update_s": last.get("time/update"), "passes_s": last.get("time/passes"), "job": job}
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per lite-srpo variant: mean peak and step time over repeats, divided by TRL's."""
+    """Per lite-srpo variant: mean peak, step time and its split over repeats; divided by TRL's when TRL ran."""
     trl = [r for r in rows if r["system"].startswith("TRL")]
-    if not trl:
-        return []
-    t_peak = sum(r["peak_gib"] for r in trl) / len(trl)
-    t_time = sum(r["step_s"] for r in trl) / len(trl)
-    t_inc = sum(r["step_increase_gib"] for r in trl) / len(trl)
     out = []
-    for name in sorted({r["system"] for r in rows} - {trl[0]["system"]}):
+    names = sorted({r["system"] for r in rows if not r["system"].startswith("TRL")},
+                   key=lambda n: (n != "lite-srpo (defaults)", n))
+    for name in names:
         mine = [r for r in rows if r["system"] == name]
         peak = sum(r["peak_gib"] for r in mine) / len(mine)
         step = sum(r["step_s"] for r in mine) / len(mine)
         inc = sum(r["step_increase_gib"] for r in mine) / len(mine)
-        out.append({"system": name, "peak_gib": peak, "trl_peak_gib": t_peak, "memory_ratio": peak / t_peak,
-                    "step_increase_gib": inc, "trl_step_increase_gib": t_inc, "increase_ratio": inc / t_inc,
-                    "memory_target_met": peak / t_peak <= TARGET_MEMORY_RATIO, "step_s": step, "trl_step_s": t_time,
-                    "time_ratio": step / t_time, "time_target_met": step / t_time <= TARGET_TIME_RATIO})
+        split = {f"{k}_s": _mean([r.get(f"{k}_s") for r in mine]) for k in ("generation", "passes", "update")}
+        row = {"system": name, "peak_gib": peak, "step_increase_gib": inc, "step_s": step, **split}
+        if trl:
+            t_peak = sum(r["peak_gib"] for r in trl) / len(trl)
+            t_time = sum(r["step_s"] for r in trl) / len(trl)
+            t_inc = sum(r["step_increase_gib"] for r in trl) / len(trl)
+            row.update({"trl_peak_gib": t_peak, "memory_ratio": peak / t_peak, "trl_step_increase_gib": t_inc,
+                        "increase_ratio": inc / t_inc, "memory_target_met": peak / t_peak <= TARGET_MEMORY_RATIO,
+                        "trl_step_s": t_time, "time_ratio": step / t_time,
+                        "time_target_met": step / t_time <= TARGET_TIME_RATIO})
+        out.append(row)
     return out
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def effects(summary: list[dict]) -> list[dict]:
+    """Each change's own effect: the defaults row against each ablation row (defaults / ablation)."""
+    base = next((r for r in summary if r["system"] == "lite-srpo (defaults)"), None)
+    if base is None:
+        return []
+    out = []
+    for r in summary:
+        if r is base:
+            continue
+        row = {"defaults_vs": r["system"], "peak_ratio": base["peak_gib"] / r["peak_gib"],
+               "step_ratio": base["step_s"] / r["step_s"]}
+        for k in ("generation_s", "passes_s", "update_s"):
+            if base.get(k) and r.get(k):
+                row[k.replace("_s", "_ratio")] = base[k] / r[k]
+        out.append(row)
+    return out
+
+
+def _chunk(text: str) -> int | str:
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: auto or a whole number >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.vs_trl", description=__doc__.splitlines()[0])
     ap.add_argument("--group-size", type=int, default=2)
     ap.add_argument("--length", type=int, default=2048)
-    ap.add_argument("--chunks", type=int, nargs="+", default=[1024, 256], help="lite-srpo train.logprob_chunk values")
+    ap.add_argument("--chunks", type=_chunk, nargs="+", default=["auto"],
+                    help="lite-srpo train.logprob_chunk values (auto = the recipe default)")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also run each change of issue 13 alone: chunk 1024 (the old default), the defaults without "
+                         "the vision-feature cache, with HF's multinomial sampler; and all three (the old defaults)")
+    ap.add_argument("--no-trl", action="store_true",
+                    help="lite-srpo variants only (with --ablate: each change's own effect, on one core)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="vs_trl")
@@ -160,16 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     dims = {"vocab": 4096, "hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "kv_heads": 1} if a.quick else {}
     if a.quick:
-        a.length, a.chunks = 8, [16]
+        a.length, a.chunks = 8, ["auto"]
     model = str(build_bench_model(**dims))
     base = {"model": model, "G": a.group_size, "R": a.length, "B": 1, "micro_batch": a.group_size,
             "threads": a.threads, "algo": "grpo", "beta": 0.0, "algorithm": MATCHED_ALGORITHM}
     rows, errors = [], []
     for repeat in range(a.repeats):
         systems = []
-        for i, chunk in enumerate(a.chunks):
-            systems.append({**base, "system": "lite", "chunk": chunk, "repeat": repeat})
-            if i == 0:
+        variants = [{"chunk": c} for c in a.chunks]
+        if a.ablate:
+            variants += [{"chunk": 1024}, {"chunk": "auto", "vision_cache": False}, {"chunk": "auto", "sampler": "hf"},
+                         {"chunk": 1024, "vision_cache": False, "sampler": "hf"}]
+        for i, variant in enumerate(variants):
+            systems.append({**base, "system": "lite", **variant, "repeat": repeat})
+            if i == 0 and not a.no_trl:
                 systems.append({**base, "system": "trl", "chunk": None, "repeat": repeat})
         for job in systems:
             res = measure_in_subprocess("bench.vs_trl", job)
@@ -182,19 +254,24 @@ def main(argv: list[str] | None = None) -> int:
                 rows[-1]["trl_adapter_dtypes"] = res.get("adapter_dtypes")
             print(f"  {rows[-1]['system']} #{repeat}: peak {rows[-1]['peak_gib']:.3f} GiB, "
                   f"step {rows[-1]['step_s']:.1f} s", flush=True)
-    print(table(rows, ["system", "repeat", "G", "R", "start_gib", "peak_gib", "step_increase_gib", "step_s",
+    print(table(rows, ["system", "repeat", "G", "R", "logprob_chunk", "start_gib", "peak_gib", "step_increase_gib", "step_s",
                        "generation_s", "passes_s", "update_s"]))
     summary = ratios(rows)
     if summary:
         print()
-        print(table(summary, ["system", "peak_gib", "trl_peak_gib", "memory_ratio", "memory_target_met",
-                              "step_increase_gib", "trl_step_increase_gib", "increase_ratio", "step_s", "trl_step_s",
-                              "time_ratio", "time_target_met"]))
+        trl_cols = ["trl_peak_gib", "memory_ratio", "memory_target_met", "trl_step_s", "time_ratio", "time_target_met"]
+        print(table(summary, ["system", "peak_gib", "step_increase_gib", "step_s", "generation_s", "passes_s",
+                              "update_s"] + (trl_cols if "trl_peak_gib" in summary[0] else [])))
+    effect_rows = effects(summary)
+    if effect_rows:
+        print()
+        print(table(effect_rows, ["defaults_vs", "peak_ratio", "step_ratio", "generation_ratio", "passes_ratio",
+                                  "update_ratio"]))
     path = write_result(a.name, {
         "settings": {**{k: v for k, v in base.items() if k != "model"}, "model": model, "lora": "r16 alpha32 dropout0",
                      "load_in_4bit": True, "gradient_checkpointing": True, "prompts_per_step": 1,
                      "targets": {"memory_ratio_max": TARGET_MEMORY_RATIO, "time_ratio_max": TARGET_TIME_RATIO}},
-        "rows": rows, "summary": summary, "errors": errors,
+        "rows": rows, "summary": summary, "effects": effect_rows, "errors": errors,
         "notes": [
             "peak: the step's own peak (reset at the step's start, after loading); CPU = process RSS (VmHWM); "
             "start_gib: memory in use when the step starts (model, optimizer, imports: TRL's process also imports "

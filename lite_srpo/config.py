@@ -199,8 +199,10 @@ class TrainConfig:
     """Responses per forward/backward; gradients accumulate over the mini-batch."""
     mini_batches: int = 1
     """Optimizer steps per rollout batch (more than 1 makes the ratio clip matter)."""
-    logprob_chunk: int = 1024
-    """Rows of the streamed lm_head chunk: peak logits memory is chunk x vocab floats."""
+    logprob_chunk: int | str = "auto"
+    """Rows of the streamed lm_head chunk: peak logits memory is about 4 x chunk x vocab floats. auto (default):
+    the largest power of two in [64, 4096] whose update-time logits stay within a quarter of the model's
+    weight bytes (lite_srpo/chunking.py); or a whole number >= 1."""
     seed: int = 0
     save_every: int = 10
     keep_last: int = 3
@@ -266,6 +268,9 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
     "vgpo": dict(_DAPO_ARM, dual_clip=3.0),
 }
 
+# What a key typed as a union accepts, for its error message.
+UNION_HINTS: dict[str, str] = {"train.logprob_chunk": "auto or a whole number >= 1"}
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.template": ("structured", "think", "plain"),
@@ -306,7 +311,9 @@ def _check_ranges(cfg: RunConfig) -> list[str]:
     need(cfg.train.steps >= 1, "train.steps", cfg.train.steps, "needs >= 1")
     need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", cfg.train.micro_batch_size, "needs >= 1")
     need(cfg.train.mini_batches >= 1, "train.mini_batches", cfg.train.mini_batches, "needs >= 1")
-    need(cfg.train.logprob_chunk >= 1, "train.logprob_chunk", cfg.train.logprob_chunk, "needs >= 1")
+    chunk = cfg.train.logprob_chunk
+    need(chunk == "auto" or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1),
+         "train.logprob_chunk", chunk, "auto or a whole number >= 1")
     need(cfg.train.save_every >= 0, "train.save_every", cfg.train.save_every, "needs >= 0 (0 = only at the end)")
     need(cfg.train.keep_last >= 1, "train.keep_last", cfg.train.keep_last, "needs >= 1")
     need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "needs >= 1")
@@ -392,7 +399,16 @@ def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, errs)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, errs)
+        for tp_i in inner:  # the first member the value fits (e.g. `int | str`: 256 or "auto")
+            trial: list[str] = []
+            out = _coerce(value, tp_i, key, trial)
+            if not trial:
+                return out
+        errs.append(f"{key}: {value!r} is not allowed — "
+                    + UNION_HINTS.get(key, " or ".join(getattr(a, "__name__", str(a)) for a in inner)))
+        return value
     if origin is list:
         if not isinstance(value, list):
             errs.append(f"{key}: {value!r} should be a list")

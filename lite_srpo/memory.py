@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .chunking import LOGITS_COPIES_GRAD, NF4_DQ_BYTES_PER_PARAM, resolved_logprob_chunk
 from .config import RunConfig
 from .errors import ConfigError, LiteSrpoError, ModelError
 
 GIB = 2**30
-NF4_DQ_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # without double quant: fp32 absmax per 64-value block
 CPU_BASELINE_GIB = 0.40  # measured: python + torch + transformers + peft + bitsandbytes + lite_srpo, processor, data
 CUDA_CONTEXT_GIB = 0.50  # CUDA context + cuBLAS/cuDNN handles: outside max_memory_allocated, inside the card
@@ -34,7 +34,6 @@ CUDA_ALLOCATOR_SLACK = 1.07  # reserved / allocated (fragmentation of the cachin
 CPU_HEAP_RETAINED_LAYERS = 1.0  # fitted on 24 CPU runs (bench/results): freed heap glibc keeps, in layer sets
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # larger blocks are mmapped and given back to the OS when freed
 LOGITS_COPIES_NOGRAD = 2.0  # measured: fp32 [chunk, V] logits + the logsumexp temporary
-LOGITS_COPIES_GRAD = {4: 4.0, 2: 4.5}  # measured (fp32): recomputed logits, softmax grad, gather grad, sum; +bf16 copy
 GEN_LOGITS_COPIES = 5  # generate: fp32 last-token logits, processors, softmax, sampling buffers
 TEXT_PROMPT_TOKENS = 150  # chat template + question + format instructions of the procedural tasks (tiny tokenizer)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -324,6 +323,11 @@ def _compute_bytes(cfg: RunConfig, device: str) -> int:
     return _DTYPE_BYTES[cfg.model.dtype]
 
 
+def _logprob_chunk(cfg: RunConfig, dims: ModelDims, device: str) -> int:
+    """train.logprob_chunk as the trainer resolves it (`auto`: chunking.py's rule from the same dims)."""
+    return resolved_logprob_chunk(cfg.train.logprob_chunk, dims, cfg.model.load_in_4bit, _compute_bytes(cfg, device))
+
+
 def _lora_params(dims: ModelDims, cfg: RunConfig) -> int:
     r, h, i = cfg.lora.r, dims.hidden, dims.intermediate
     per = {"q_proj": h + dims.q_dim, "k_proj": h + dims.kv_dim, "v_proj": h + dims.kv_dim, "o_proj": dims.q_dim + h,
@@ -366,7 +370,7 @@ def _phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, grou
     gen_rows = group_size * min(gen_prompts, cfg.rollout.prompts_per_step)
     m = min(cfg.train.micro_batch_size, n_rows)
     s = prompt + response
-    chunk = min(cfg.train.logprob_chunk, m * response)
+    chunk = min(_logprob_chunk(cfg, dims, device), m * response)
     quant = cfg.model.load_in_4bit
     terms: list[Term] = []
 
@@ -534,7 +538,8 @@ def plan(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims
                   "prompt_how": prompt_how, "response_tokens": r, "ranks": ranks,
                   "prompts_per_rank": local_prompts, "responses_per_rank": g * local_prompts,
                   "micro_batch": min(cfg.train.micro_batch_size, g * local_prompts),
-                  "logprob_chunk": cfg.train.logprob_chunk, "load_in_4bit": cfg.model.load_in_4bit,
+                  "logprob_chunk": _logprob_chunk(cfg, dims, device),
+                  "logprob_chunk_setting": cfg.train.logprob_chunk, "load_in_4bit": cfg.model.load_in_4bit,
                   "compute_bytes": _compute_bytes(cfg, device),
                   "gradient_checkpointing": cfg.model.gradient_checkpointing},
         "terms": [asdict(t) for t in terms],
@@ -559,7 +564,7 @@ def format_plan(p: dict) -> str:
         f"device: {p['device']} — predicts the {p['measures']}",
         f"step: {s['prompts_per_step']} prompt(s) x G={s['group_size']} = {s['responses']} responses; prompt "
         f"{s['prompt_tokens']} tokens ({s['prompt_how']}); responses {s['response_tokens']} tokens; micro-batch "
-        f"{s['micro_batch']}; lm_head chunk {s['logprob_chunk']}; "
+        f"{s['micro_batch']}; lm_head chunk {s['logprob_chunk']}{' (auto)' if s.get('logprob_chunk_setting') == 'auto' else ''}; "
         f"{'4-bit NF4' if s['load_in_4bit'] else 'unquantized'} base, {s['compute_bytes']}-byte compute",
         *([f"ranks: {s['ranks']} processes (one per GPU); each samples {s['prompts_per_rank']} prompt(s) x G="
            f"{s['group_size']} = {s['responses_per_rank']} responses and holds the whole model: every figure "

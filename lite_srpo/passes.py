@@ -19,6 +19,7 @@ from .objectives import vgpo
 from .prompts import remove_perception_ids
 from .rollout import RolloutBatch, collate, encode_visual, pad_token_id
 from .streaming import token_logprobs
+from .vision_cache import VisionFeatureCache, batch_cache
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,23 @@ def response_hidden(hidden: torch.Tensor, prompt_len: int, resp_len: int) -> tor
 
 def rows_logprobs(policy: PolicyModel, batch: RolloutBatch, rows: list[int], chunk: int, temperature: float,
                   responses: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                  visual_override: list[dict] | None = None, keep_hidden: bool = False):
-    """Log-probs of `responses` (default: the sampled ones) for `rows`; grad follows the caller's mode."""
+                  visual_override: list[dict] | None = None, keep_hidden: bool = False,
+                  vision_cache: VisionFeatureCache | bool | None = None):
+    """Log-probs of `responses` (default: the sampled ones) for `rows`; grad follows the caller's mode.
+
+    `vision_cache`: None (default) uses the step's cache in `batch.extras` when the vision tower is
+    frozen and the family supports it (`vision_cache.py`: each image is encoded once per step); False
+    runs the vision tower on the pixels as before; a `VisionFeatureCache` uses that one."""
     responses = batch.response_ids[rows] if responses is None else responses
     mask = batch.response_mask[rows] if mask is None else mask
     prompts = [batch.prompts[batch.prompt_of[i]] for i in rows]
     inputs, prompt_len = collate(prompts, pad_token_id(policy), responses, mask, visual_override, policy.device)
+    if vision_cache is None or vision_cache is True:
+        cache = batch_cache(policy, batch)
+    else:
+        cache = vision_cache if isinstance(vision_cache, VisionFeatureCache) else None
+    if cache is not None:
+        inputs = cache.apply(inputs, visual_override or [p.visual for p in prompts])
     hidden = policy.hidden_states(inputs)
     h_resp = response_hidden(hidden, prompt_len, responses.shape[1])
     weight, bias = policy.lm_head()

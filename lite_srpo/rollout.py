@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import sampling
 from .modeling import PolicyModel
 from .prompts import ResponseFormat, build_messages
+from .sampling import InverseCdfSampler
 from .tasks.base import Sample
 
 # Visual tensors whose first dimension concatenates over images (Qwen's flat patch list).
@@ -148,9 +150,13 @@ def pad_token_id(policy: PolicyModel) -> int:
 @torch.no_grad()
 def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
-             batch_prompts: int = 0, seed_of: Callable[[int], int] | None = None) -> RolloutBatch:
+             batch_prompts: int = 0, sampler: InverseCdfSampler | bool | None = None,
+             seed_of: Callable[[int], int] | None = None) -> RolloutBatch:
     """Sample `group_size` responses per prompt (adapter on, vision special tokens suppressed).
 
+    `sampler`: full-distribution sampling (top_p 1, top_k 0) draws tokens by inverse CDF
+    (`sampling.py`: the same distribution as HF's multinomial, far cheaper over a 152k vocabulary) unless
+    False; pass an `InverseCdfSampler` to choose its generator. Truncated sampling uses HF's sampler.
     `seed_of(i)` seeds the sampler before the generate call whose first prompt is `prompts[i]`: the
     samples then depend only on the seed, the step and the prompts, not on what ran before (an
     evaluation, another rank's share)."""
@@ -158,10 +164,17 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
     eos = eos_token_ids(policy)
     chunks = [prompts] if batch_prompts <= 0 else [prompts[i:i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
     pieces: list[torch.Tensor] = []
-    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id,
-                                      eos_token_id=eos, suppress_tokens=policy.suppressed_token_ids(),
-                                      num_return_sequences=group_size if do_sample else 1)
-    if do_sample:
+    own = do_sample and sampler is not False and top_p >= 1.0 and not top_k and (sampling.ENABLED or bool(sampler))
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample and not own,
+                                      pad_token_id=pad_id, eos_token_id=eos,
+                                      suppress_tokens=policy.suppressed_token_ids(),
+                                      num_return_sequences=group_size if do_sample and not own else 1)
+    if own:  # greedy generate whose last processor samples: rows are repeated here instead of by HF
+        from transformers import LogitsProcessorList
+
+        sampler = sampler if isinstance(sampler, InverseCdfSampler) else InverseCdfSampler(temperature)
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None, logits_processor=LogitsProcessorList([sampler]))
+    elif do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
@@ -169,7 +182,8 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
         for k, chunk in enumerate(chunks):
             if seed_of is not None:
                 torch.manual_seed(seed_of(k * (batch_prompts if batch_prompts > 0 else 0)))
-            inputs, prompt_len = collate(chunk, pad_id, device=policy.device)
+            rows = [p for p in chunk for _ in range(group_size)] if own else chunk
+            inputs, prompt_len = collate(rows, pad_id, device=policy.device)
             out = policy.hf.generate(**inputs, **gen_kwargs)
             pieces.append(out[:, prompt_len:].cpu())
     width = max(p.shape[1] for p in pieces)

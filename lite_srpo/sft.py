@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .chunking import policy_logprob_chunk
 from .config import RunConfig, SftConfig
 from .errors import DataError
 from .modeling import PolicyModel, load_base, pick_device, resolve_dtype
@@ -75,7 +76,7 @@ def sft_warmup(cfg: RunConfig, train_set: list[Sample], out_dir: str | Path, eve
         idx = rng.choice(len(train_set), size=min(sft.batch_size, len(train_set)), replace=False)
         batch = trace_batch(policy, [train_set[i] for i in idx], fmt, cfg.data.template)
         rows = list(range(batch.size))
-        logp = rows_logprobs(policy, batch, rows, cfg.train.logprob_chunk, temperature=1.0)
+        logp = rows_logprobs(policy, batch, rows, policy_logprob_chunk(cfg, policy), temperature=1.0)
         mask = batch.response_mask.float().to(logp.device)
         loss = -(logp * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .algorithms import ALGORITHM_SPECS, AlgorithmSpec, Shaping, ShapeInputs, old_pass_needed
+from .chunking import policy_logprob_chunk
 from .config import RunConfig, config_to_dict, dump_yaml
 from .data import load_splits
 from .data_parallel import (StepShare, check_divisible, exchange, local_rows, merge_stats, pad_batch, passes_share,
@@ -181,7 +182,8 @@ def policy_update(run: Run, batch: RolloutBatch, shaping: Shaping, x: ShapeInput
         for local in [mine[i:i + run.micro_batch] for i in range(0, len(mine), run.micro_batch)]:
             rows = [i + row_offset for i in local]  # the same rows, indexed in the whole step
             with policy.policy():
-                logp = rows_logprobs(policy, batch, local, cfg.train.logprob_chunk, cfg.rollout.temperature)
+                logp = rows_logprobs(policy, batch, local, policy_logprob_chunk(cfg, policy),
+                                     cfg.rollout.temperature)
             dev = logp.device
             m = mask[rows].to(dev)
             tm = None if shaping.token_mask is None else shaping.token_mask[rows].to(dev)
@@ -267,7 +269,7 @@ def rl_step(run: Run, step: int) -> dict:
     t0 = time.perf_counter()
     corruption = dict(kind=cfg.algorithm.corruption.kind, per_response=cfg.algorithm.corruption.per_response,
                       params=corruption_params(cfg))
-    passes = run_passes(policy, batch, micro_batch=run.micro_batch, chunk=cfg.train.logprob_chunk,
+    passes = run_passes(policy, batch, micro_batch=run.micro_batch, chunk=policy_logprob_chunk(cfg, policy),
                         temperature=cfg.rollout.temperature, need_ref=cfg.algorithm.beta > 0,
                         need_corrupted=spec.needs_corrupted, need_removed=spec.needs_removed(cfg.algorithm),
                         removed_on_corrupted=cfg.algorithm.srpo.consistency == "perception_only",

@@ -105,10 +105,30 @@ def test_vs_trl_minimal(in_process, tmp_path):
     assert vs_trl.main(["--quick", "--results-dir", str(tmp_path), "--name", "vt"]) == 0
     data = read(tmp_path / "vt.json")
     systems = {r["system"] for r in data["rows"]}
-    assert systems == {"lite-srpo (chunk 16)", "TRL GRPOTrainer"}
+    assert systems == {"lite-srpo (defaults)", "TRL GRPOTrainer"}
+    assert data["rows"][0]["logprob_chunk"] == 128  # auto on the tiny bench model: the floor
     s = data["summary"][0]
+    assert s["system"] == "lite-srpo (defaults)" and s["step_s"] >= s["generation_s"] > 0
     assert s["memory_ratio"] == pytest.approx(s["peak_gib"] / s["trl_peak_gib"])
     assert data["rows"][1]["trl_adapter_dtypes"]
+
+
+def test_vs_trl_ablation_rows_and_effects(in_process, tmp_path):
+    """--ablate: each change of issue 13 alone and all together, against the defaults (--no-trl: lite-srpo only)."""
+    from bench import vs_trl
+
+    assert vs_trl.main(["--quick", "--ablate", "--no-trl", "--results-dir", str(tmp_path), "--name", "va"]) == 0
+    data = read(tmp_path / "va.json")
+    assert not any(r["system"].startswith("TRL") for r in data["rows"]) and "memory_ratio" not in data["summary"][0]
+    assert [r["system"] for r in data["summary"]] == [
+        "lite-srpo (defaults)", "lite-srpo (chunk 1024)", "lite-srpo (chunk 1024, no vision cache, HF sampler)",
+        "lite-srpo (defaults, HF sampler)", "lite-srpo (defaults, no vision cache)"]
+    effects = {e["defaults_vs"]: e for e in data["effects"]}
+    base = data["summary"][0]
+    for s in data["summary"][1:]:
+        assert effects[s["system"]]["step_ratio"] == pytest.approx(base["step_s"] / s["step_s"])
+    from lite_srpo import sampling, vision_cache
+    assert vision_cache.ENABLED and sampling.ENABLED  # the switches are restored after an ablation job
 
 
 def test_gpu_7b_dry_run(in_process, tmp_path, monkeypatch):
@@ -157,3 +177,26 @@ def test_table_and_result_file(tmp_path):
     path = common.write_result("x", {"rows": [1]}, tmp_path)
     data = json.loads(path.read_text())
     assert data["benchmark"] == "x" and data["rows"] == [1] and "torch" in data["machine"]
+
+
+def test_profile_generation_minimal(tiny_bench_model, tmp_path, monkeypatch):
+    """The generation profile runs a real rollout with hooks and the profiler; its split adds up."""
+    from bench import profile_generation
+
+    monkeypatch.setattr(profile_generation, "build_bench_model", lambda **kw: tiny_bench_model)
+    assert profile_generation.main(["--quick", "--group-size", "2", "--results-dir", str(tmp_path), "--name", "pg"]) == 0
+    data = read(tmp_path / "pg.json")
+    t = data["timed_rollout"]
+    assert t["responses"] == 2 and t["new_tokens_per_row"] == 8 and t["decode_steps"] == 7
+    assert t["prefill_s"] + t["decode_forward_s"] + t["between_forwards_s"] <= t["generate_s"]
+    assert t["lm_head_calls"] == t["model_forwards"] and t["vision_calls"] == 1
+    assert data["profiler_top_ops"] and data["dequant_microbench"]["linear4bit_ms"] > 0
+
+
+def test_logprob_chunk_speed_minimal(tmp_path):
+    from bench import logprob_chunk_speed
+
+    assert logprob_chunk_speed.main(["--quick", "--results-dir", str(tmp_path), "--name", "lc"]) == 0
+    data = read(tmp_path / "lc.json")
+    assert [s["chunk"] for s in data["summary"]] == [64, 16]
+    assert all(s["grad_s"] > 0 and s["nograd_s"] > 0 for s in data["summary"])

@@ -129,3 +129,19 @@ def test_sampling_and_scoring_must_agree_and_new_keys_are_checked(override, need
     data = {"model": {"path": "m"}, "data": {"task": "count_shapes"}, **override}
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         config_from_dict(data)
+
+
+def test_logprob_chunk_defaults_to_auto_and_accepts_whole_numbers(tmp_path):
+    assert cfg().train.logprob_chunk == "auto"
+    assert cfg(train={"logprob_chunk": 256}).train.logprob_chunk == 256
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    assert load_config(p, ["train.logprob_chunk=64"]).train.logprob_chunk == 64
+    assert load_config(p, ["train.logprob_chunk=auto"]).train.logprob_chunk == "auto"
+
+
+@pytest.mark.parametrize("value", [0, -8, "big", 2.5, True, [256]])
+def test_bad_logprob_chunk_names_the_key_and_what_is_allowed(value):
+    with pytest.raises(ConfigError) as e:
+        cfg(train={"logprob_chunk": value})
+    assert "train.logprob_chunk" in str(e.value) and "auto or a whole number >= 1" in str(e.value)
