@@ -48,7 +48,7 @@ def test_values_for_7b_3b_and_the_bench_model():
         assert logits <= AUTO_WEIGHT_FRACTION * weight_bytes(dims, True, b) < 2 * logits
 
 
-def test_trainer_and_planner_resolve_the_same_chunk(tiny_qwen):
+def test_trainer_and_planner_resolve_the_same_chunk(tiny_qwen, caplog):
     """The loaded policy's config and the planner's config.json give one answer, and the plan reports it."""
     from lite_srpo.chunking import policy_logprob_chunk
     from lite_srpo.config import config_from_dict
@@ -59,7 +59,11 @@ def test_trainer_and_planner_resolve_the_same_chunk(tiny_qwen):
 
     cfg = config_from_dict(tiny_recipe(tiny_qwen, "runs-unused", train__logprob_chunk="auto"))
     policy = load_policy(cfg.model, cfg.lora)
-    trained = policy_logprob_chunk(cfg, policy)
+    with caplog.at_level("INFO", logger="lite_srpo.chunking"):
+        trained = policy_logprob_chunk(cfg, policy)
+        assert policy_logprob_chunk(cfg, policy) == trained  # resolved once per policy, logged once
+    ours = [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "lite_srpo.chunking"]
+    assert ours == [f"train.logprob_chunk: auto -> {trained} rows"]
     p = plan(cfg, 24.0, device="cpu")
     assert p["shape"]["logprob_chunk"] == trained == AUTO_MIN_CHUNK  # a tiny model: the floor
     assert p["shape"]["logprob_chunk_setting"] == "auto"
