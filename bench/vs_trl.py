@@ -8,7 +8,8 @@ token-level DAPO loss (TRL's default `loss_type="dapo"`; lite-srpo `agg: token`)
 TRL keeps its other defaults. Runs alternate (ours, TRL, ours, ...) and each is a fresh process.
 
     python -m bench.vs_trl                    # R=2048, G=2: lite-srpo with the recipe defaults vs TRL
-    python -m bench.vs_trl --ablate           # + each change alone (chunk 1024, no vision cache, HF sampler)
+    python -m bench.vs_trl --ablate           # + each change alone (chunk 1024, no vision cache, HF sampler,
+                                              #   the old-logp pass) and all of them undone
                                               #   and all three together (the defaults before issue 13)
     python -m bench.vs_trl --quick            # tiny smoke test
 
@@ -116,14 +117,17 @@ def trl_step_job(job: dict) -> dict:
 def run_job(job: dict) -> dict:
     if job["system"] == "trl":
         return trl_step_job(job)
-    from lite_srpo import sampling, vision_cache
+    from lite_srpo import algorithms, sampling, train, vision_cache
 
     vision_cache.ENABLED = job.get("vision_cache", True)
     sampling.ENABLED = job.get("sampler", "inverse_cdf") == "inverse_cdf"
+    if job.get("old_pass") == "always":  # the separate no-grad old-log-prob pass, as before issue 13
+        train.old_pass_needed = lambda spec, mini_batches: True
     try:
         return lite_step_job(job)
     finally:
         vision_cache.ENABLED = sampling.ENABLED = True
+        train.old_pass_needed = algorithms.old_pass_needed
 
 
 def lite_name(job: dict) -> str:
@@ -133,6 +137,8 @@ def lite_name(job: dict) -> str:
         parts.append("no vision cache")
     if job.get("sampler", "inverse_cdf") != "inverse_cdf":
         parts.append("HF sampler")
+    if job.get("old_pass") == "always":
+        parts.append("old-logp pass")
     return "lite-srpo (defaults)" if not parts else "lite-srpo (" + ", ".join(
         (["defaults"] if job["chunk"] == "auto" else []) + parts) + ")"
 
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = [{"chunk": c} for c in a.chunks]
         if a.ablate:
             variants += [{"chunk": 1024}, {"chunk": "auto", "vision_cache": False}, {"chunk": "auto", "sampler": "hf"},
-                         {"chunk": 1024, "vision_cache": False, "sampler": "hf"}]
+                         {"chunk": "auto", "old_pass": "always"},
+                         {"chunk": 1024, "vision_cache": False, "sampler": "hf", "old_pass": "always"}]
         for i, variant in enumerate(variants):
             systems.append({**base, "system": "lite", **variant, "repeat": repeat})
             if i == 0 and not a.no_trl:

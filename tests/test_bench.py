@@ -121,14 +121,18 @@ def test_vs_trl_ablation_rows_and_effects(in_process, tmp_path):
     data = read(tmp_path / "va.json")
     assert not any(r["system"].startswith("TRL") for r in data["rows"]) and "memory_ratio" not in data["summary"][0]
     assert [r["system"] for r in data["summary"]] == [
-        "lite-srpo (defaults)", "lite-srpo (chunk 1024)", "lite-srpo (chunk 1024, no vision cache, HF sampler)",
-        "lite-srpo (defaults, HF sampler)", "lite-srpo (defaults, no vision cache)"]
+        "lite-srpo (defaults)", "lite-srpo (chunk 1024)",
+        "lite-srpo (chunk 1024, no vision cache, HF sampler, old-logp pass)", "lite-srpo (defaults, HF sampler)",
+        "lite-srpo (defaults, no vision cache)", "lite-srpo (defaults, old-logp pass)"]
     effects = {e["defaults_vs"]: e for e in data["effects"]}
     base = data["summary"][0]
     for s in data["summary"][1:]:
         assert effects[s["system"]]["step_ratio"] == pytest.approx(base["step_s"] / s["step_s"])
-    from lite_srpo import sampling, vision_cache
+    from lite_srpo import algorithms, sampling, train, vision_cache
     assert vision_cache.ENABLED and sampling.ENABLED  # the switches are restored after an ablation job
+    assert train.old_pass_needed is algorithms.old_pass_needed
+    undone = next(r for r in data["rows"] if r["job"].get("old_pass") == "always")
+    assert undone["passes_s"] > 0
 
 
 def test_gpu_7b_dry_run(in_process, tmp_path, monkeypatch):
