@@ -173,7 +173,9 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
         from transformers import LogitsProcessorList
 
         sampler = sampler if isinstance(sampler, InverseCdfSampler) else InverseCdfSampler(temperature)
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None, logits_processor=LogitsProcessorList([sampler]))
+        sampler.suppress = policy.suppressed_token_ids()  # cheaper than HF's vocabulary-wide suppression
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None, suppress_tokens=None,
+                          logits_processor=LogitsProcessorList([sampler]))
     elif do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:

@@ -27,15 +27,21 @@ class InverseCdfSampler:
     row from softmax(scores / temperature)."""
 
     def __init__(self, temperature: float = 1.0, generator: torch.Generator | None = None,
-                 record: bool = False) -> None:
+                 record: bool = False, suppress: list[int] | None = None) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0; got {temperature}")
         self.temperature = temperature
         self.generator = generator
         self.uniforms: list[torch.Tensor] | None = [] if record else None  # the draws, for tests
+        self.suppress = list(suppress or [])
+        """Token ids never drawn (vision special tokens). Setting their few columns to -inf here replaces
+        HF's SuppressTokensLogitsProcessor, which builds a vocabulary-sized mask and `where` at every step."""
 
     def sample(self, scores: torch.Tensor) -> torch.Tensor:
         """Token ids [B] drawn from softmax(scores / temperature) by inverse CDF."""
+        if self.suppress:
+            ids = torch.tensor(self.suppress, dtype=torch.long, device=scores.device)
+            scores = scores.index_fill(1, ids[ids < scores.shape[-1]], float("-inf"))
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
         u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device, generator=self.generator)

@@ -76,3 +76,14 @@ def test_hf_sampler_is_kept_for_truncated_sampling_and_on_request(tiny_qwen):
     assert sampler.uniforms == []  # top_p < 1: HF's own sampler ran
     batch = generate(policy, prompts, group_size=2, max_new_tokens=4, sampler=False)
     assert batch.size == 2
+
+
+def test_suppressed_ids_are_never_drawn_and_the_rest_keeps_its_distribution():
+    """The sampler's own suppression (a few -inf columns) equals HF's vocabulary-wide processor."""
+    scores = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]]).repeat(4000, 1)
+    suppressed = InverseCdfSampler(1.0, generator=torch.Generator().manual_seed(0), suppress=[1, 3]).sample(scores)
+    masked = scores.clone()
+    masked[:, [1, 3]] = float("-inf")
+    reference = InverseCdfSampler(1.0, generator=torch.Generator().manual_seed(0)).sample(masked)
+    assert torch.equal(suppressed, reference)  # same draws, same tokens
+    assert not torch.isin(suppressed, torch.tensor([1, 3])).any()
