@@ -75,7 +75,8 @@ def test_cached_logprobs_equal_uncached_in_every_pass(tiny_factory, arch):
                 for override in (None, visuals):
                     plain = rows_logprobs(policy, batch, rows, 8, 1.0, visual_override=override, vision_cache=False)
                     cached = rows_logprobs(policy, batch, rows, 8, 1.0, visual_override=override)
-                    assert torch.allclose(plain, cached, atol=1e-6, rtol=0), (ctx.__name__, override is None)
+                    err = float((plain - cached).abs().max())
+                    assert err <= 1e-5, (ctx.__name__, override is None, err)  # fp32 round-off of ~6-nat values
                     assert (plain != 0).any()
     assert isinstance(batch.extras[KEY], VisionFeatureCache)
     # with gradients (the update): same values and the same LoRA gradients
