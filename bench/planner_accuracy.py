@@ -6,7 +6,7 @@ The configurations vary the terms the planner models: the streamed lm_head chunk
 group size, algorithm (extra passes), 4-bit vs unquantized weights, gradient checkpointing, and a
 wider, deeper model whose activations matter.
 
-    python -m bench.planner_accuracy            # 8 configurations (CPU: about 15 minutes)
+    python -m bench.planner_accuracy            # 9 configurations (CPU: about 15 minutes)
     python -m bench.planner_accuracy --quick    # 2 small configurations (smoke test)
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ CONFIGS = [
     ("grpo_R256_chunk256", SMALL, {"algo": "grpo", "G": 2, "R": 256, "chunk": 256}),
     ("grpo_R256_chunk1024", SMALL, {"algo": "grpo", "G": 2, "R": 256, "chunk": 1024}),
     ("grpo_G4_R1024_chunk512", SMALL, {"algo": "grpo", "G": 4, "R": 1024, "chunk": 512}),
+    ("grpo_G8_R512_defaults", SMALL, {"algo": "grpo", "G": 8, "R": 512, "chunk": "auto", "micro_batch": 8}),
     ("srpo_G4_R512", SMALL, {"algo": "srpo", "G": 4, "R": 512, "chunk": 256}),
     ("vgpo_G4_R512", SMALL, {"algo": "vgpo", "G": 4, "R": 512, "chunk": 256}),
     ("grpo_fp32_base_R512", SMALL, {"algo": "grpo", "G": 2, "R": 512, "chunk": 256, "load_in_4bit": False}),
