@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import DistContext, all_reduce_sum, gather_objects
-from .config import check_divisible  # noqa: F401 - re-exported: the launcher and the loop check the split
 from .passes import PassOutputs
 from .rollout import RolloutBatch
 

@@ -13,8 +13,7 @@ import sys
 
 import torch
 
-from .config import RunConfig
-from .data_parallel import check_divisible
+from .config import RunConfig, check_divisible
 from .distributed import launched_world_size
 from .errors import LiteSrpoError
 

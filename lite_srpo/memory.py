@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .chunking import LOGITS_COPIES_GRAD, NF4_DQ_BYTES_PER_PARAM, resolved_logprob_chunk
-from .config import RunConfig
+from .config import RunConfig, check_divisible
 from .errors import ConfigError, LiteSrpoError, ModelError
 
 GIB = 2**30
@@ -494,8 +494,6 @@ def per_rank_config(cfg: RunConfig, ranks: int) -> RunConfig:
     """What one rank runs: the same recipe with prompts_per_step / ranks prompts (groups stay whole)."""
     if ranks == 1:
         return cfg
-    from .config import check_divisible
-
     check_divisible(cfg.rollout.prompts_per_step, ranks)
     return dataclasses.replace(cfg, rollout=dataclasses.replace(
         cfg.rollout, prompts_per_step=cfg.rollout.prompts_per_step // ranks))

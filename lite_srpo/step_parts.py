@@ -84,7 +84,7 @@ def subset(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
                         first_prompt=batch.first_prompt)
 
 
-def step_metrics(g: GlobalStep, rewards: torch.Tensor, group_size: int) -> dict[str, float]:
+def step_metrics(g: GlobalStep, rewards: torch.Tensor) -> dict[str, float]:
     """Rewards, lengths and format of the whole step (all ranks, before dynamic sampling)."""
     metrics: dict[str, float] = {
         "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,

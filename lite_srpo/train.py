@@ -19,9 +19,9 @@ import torch
 from . import checkpoint as ckpt
 from .algorithms import ALGORITHM_SPECS, AlgorithmSpec, Shaping, ShapeInputs, old_pass_needed
 from .chunking import policy_logprob_chunk
-from .config import RunConfig, config_to_dict, dump_yaml
+from .config import RunConfig, check_divisible, config_to_dict, dump_yaml
 from .data import load_splits
-from .data_parallel import (StepShare, check_divisible, exchange, local_rows, merge_stats, pad_batch, passes_share,
+from .data_parallel import (StepShare, exchange, local_rows, merge_stats, pad_batch, passes_share,
                             rank_share, reduce_gradients)
 from .distributed import SINGLE, DistContext, RankFailure, gather_objects, report_failure, sync
 from .errors import LiteSrpoError
@@ -284,7 +284,7 @@ def rl_step(run: Run, step: int) -> dict:
         violations=violations, reward_metrics=reward_metrics, pass_seconds=passes.seconds))
     batch = pad_batch(batch, g.width, pad_token_id(policy))
     rewards = torch.tensor(g.rewards, dtype=torch.float32)
-    metrics = step_metrics(g, rewards, cfg.rollout.group_size)
+    metrics = step_metrics(g, rewards)
     adv_seq = grpo.group_advantages(rewards, cfg.rollout.group_size, scale=cfg.algorithm.adv_scale)[g.kept]
     if cfg.algorithm.dynamic_sampling:
         metrics["dynamic_sampling/kept_groups_frac"] = len(g.kept) / max(len(g.rewards), 1)
