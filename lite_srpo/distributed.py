@@ -144,10 +144,12 @@ def sync(ctx: DistContext, stop: bool = False) -> bool:
     return _status(ctx, OK, stop, None)
 
 
-def report_failure(ctx: DistContext, exc: BaseException) -> LiteSrpoError:
-    """Tell every rank that this one failed (in place of its next collective); returns the error to raise."""
+def report_failure(ctx: DistContext, exc: BaseException) -> BaseException:
+    """Tell every rank that this one failed (in place of its next collective); returns the error to raise.
+
+    `exc` itself with one process, or when it already came from the ranks' protocol (reported once)."""
     if not ctx.enabled or isinstance(exc, (RankFailure, RankLost)):
-        return exc if isinstance(exc, LiteSrpoError) else LiteSrpoError(str(exc))
+        return exc
     from .runtime import is_oom
 
     code = OOM if is_oom(exc) else ERROR

@@ -48,8 +48,6 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> R
             warm = ensure_warmup(cfg)  # on disk by now: only the path changes
         return train(warm, resume=resume, quiet=quiet, ctx=ctx)
     except Exception as exc:
-        if not ctx.enabled:
-            raise
         failure = report_failure(ctx, exc)  # the other ranks stop too, with this rank's message
         if failure is exc:
             raise

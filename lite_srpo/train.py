@@ -338,12 +338,12 @@ def step_with_oom_retry(run: Run, step: int) -> dict:
         try:
             return rl_step(run, step)
         except Exception as exc:  # noqa: BLE001 - re-raised below unless every failing rank ran out of memory
-            if run.dist.enabled:  # tell the other ranks (they learn it at their next collective), or learn theirs
-                failure = report_failure(run.dist, exc)
-                if not (isinstance(failure, RankFailure) and failure.only_oom):
-                    raise failure from (None if failure is exc else exc)
-            elif not is_oom(exc):
-                raise
+            # tell the other ranks (they learn it at their next collective), or learn theirs; one process: exc
+            failure = report_failure(run.dist, exc)
+            if not (failure.only_oom if isinstance(failure, RankFailure) else is_oom(failure)):
+                if failure is exc:
+                    raise
+                raise failure from exc
             run.optimizer.zero_grad(set_to_none=True)
             restore_before_step(run.policy.trainable_parameters(), run.optimizer, run.scheduler, before)
             free_memory()
@@ -428,7 +428,7 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
                              message=f"interrupted during step {step}; last checkpoint is step {saved_step}")
             raise
         except Exception as exc:
-            failure = report_failure(ctx, exc) if ctx.enabled else exc  # every rank stops, naming the failed one
+            failure = report_failure(ctx, exc)  # every rank stops, naming the failed one
             message = str(failure) if isinstance(failure, LiteSrpoError) else f"{type(exc).__name__}: {exc}"
             try:
                 run.events.write("status", step, status="crashed", message=message)
