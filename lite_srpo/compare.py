@@ -4,8 +4,8 @@ All arms share the task, the structured prompt, the SFT warm-up model, G, length
 steps; only the arm's overrides change (by default `algorithm.name`, and so its preset). Each arm runs
 with seeds `train.seed + 0 … K−1` (the seed sets the RL prompt order and the sampling), and each run is
 scored on the same held-out items under greedy and avg@8 (T = 1). The table gives each arm's mean with
-a 95 % interval from a two-level bootstrap (seeds, then items), and SRPO's paired difference against its
-base arm, DAPO (same seeds, same items).
+a 95 % interval from a two-level bootstrap (seeds, then items), and each seed method's paired difference
+against the base arm its paper builds on (`PAIRS`; same seeds, same items).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from .stats import paired_seeds_items, seeds_items_ci
 from .train import train
 
 DEFAULT_ARMS = ("grpo", "dapo", "srpo", "papo", "vppo", "vgpo")
-PAIRS = (("srpo", "dapo"),)  # (arm, its base arm): SRPO is built on the DAPO arm
+# (arm, the base arm its paper builds on): SRPO, VPPO and VGPO on DAPO, PAPO on GRPO.
+PAIRS = (("srpo", "dapo"), ("papo", "grpo"), ("vppo", "dapo"), ("vgpo", "dapo"))
 
 
 def parse_arm(text: str) -> tuple[str, list[str]]:
@@ -73,10 +74,13 @@ def run_compare(recipe: str | None = None, overrides: list[str] | None = None,
     root.mkdir(parents=True, exist_ok=True)
     items: dict[str, dict[str, list[list[float]]]] = {}
     rows = []
-    for text in arms:
-        name, arm_overrides = parse_arm(text)
+    parsed = [parse_arm(text) for text in arms]
+    for name, _ in parsed:
         items[name] = {protocol_key(p): [] for p in PROTOCOLS}
-        for k in range(seeds):
+    # Seeds outside, arms inside: a run stopped early leaves every arm with the same seeds, so the
+    # paired contrasts of the finished seeds are complete.
+    for k in range(seeds):
+        for name, arm_overrides in parsed:
             cfg_arm = arm_config(base, arm_overrides, overrides or [], name, root, warm.train.seed + k)
             t0 = time.perf_counter()
             run = train(cfg_arm, quiet=True, overwrite=True)
@@ -89,13 +93,15 @@ def run_compare(recipe: str | None = None, overrides: list[str] | None = None,
                          "seconds_per_step": per_step, "extra_pass_seconds_per_step": extra,
                          **{key: {k2: v for k2, v in r.items() if k2 != "items"} for key, r in result.items()}})
             print(f"[compare] {name} seed {cfg_arm.train.seed}: greedy {result['greedy']['accuracy']:.3f}, "
-                  f"avg@8 {result['avg@8']['accuracy']:.3f} ({per_step:.1f} s/step)", flush=True)
+                  f"avg@8 {result['avg@8']['accuracy']:.3f} ({per_step:.1f} s/step, {wall:.0f} s)", flush=True)
             del run
+            done = {a: v for a, v in items.items() if v["greedy"]}
             out = {"task": warm.data.task, "n_test": len(test_set), "steps": warm.train.steps, "seeds": seeds,
+                   "seeds_done": min(len(v["greedy"]) for v in items.values()),
                    "group_size": warm.rollout.group_size, "lr": warm.optim.lr,
-                   "warmup": {k: {k2: v for k2, v in r.items() if k2 != "items"} for k, r in start.items()},
-                   "warmup_items": {k: r["items"] for k, r in start.items()},
-                   "runs": rows, "arms": summarize_arms(items), "paired": paired(items), "items": items}
+                   "warmup": {k2: {k3: v for k3, v in r.items() if k3 != "items"} for k2, r in start.items()},
+                   "warmup_items": {k2: r["items"] for k2, r in start.items()},
+                   "runs": rows, "arms": summarize_arms(done), "paired": paired(done), "items": items}
             (root / "compare.json").write_text(json.dumps(out, indent=1))  # after every run: partial results survive
     curves = compare_curves(root, rows)
     if curves is not None:
@@ -111,8 +117,11 @@ def summarize_arms(items: dict[str, dict[str, list[list[float]]]]) -> dict[str, 
 def paired(items: dict[str, dict[str, list[list[float]]]]) -> dict[str, dict]:
     out = {}
     for arm, base in PAIRS:
-        if arm in items and base in items and len(items[arm]["greedy"]) == len(items[base]["greedy"]) > 0:
-            out[f"{arm}-{base}"] = {key: paired_seeds_items(items[arm][key], items[base][key]) for key in items[arm]}
+        if arm in items and base in items:
+            k = min(len(items[arm]["greedy"]), len(items[base]["greedy"]))  # the seeds both arms have finished
+            if k > 0:
+                out[f"{arm}-{base}"] = {key: paired_seeds_items(items[arm][key][:k], items[base][key][:k])
+                                        for key in items[arm]}
     return out
 
 
