@@ -5,6 +5,8 @@ A held-out accuracy on 100 items moves by several points between seeds, so every
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -66,3 +68,74 @@ def paired_seeds_items(a: list[list[float]], b: list[list[float]], **kw) -> dict
     out = seeds_items_ci((xa - xb).tolist(), **kw)
     out["per_seed"] = (xa - xb).mean(axis=1).tolist()
     return out
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t with `df` degrees of freedom (no scipy here): the CDF is integrated
+    numerically from 0 and inverted by bisection; accurate to ~1e-6 for the levels a report uses."""
+    if not 0.0 < p < 1.0 or df < 1:
+        raise ValueError(f"student_t_quantile needs 0 < p < 1 and df >= 1, got p={p}, df={df}")
+    if p < 0.5:
+        return -student_t_quantile(1.0 - p, df)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t: float) -> float:  # P(T <= t) for t >= 0: 1/2 plus Simpson's rule on [0, t]
+        grid = np.linspace(0.0, t, 4001)
+        pdf = np.exp(log_norm - (df + 1) / 2 * np.log1p(grid ** 2 / df))
+        h = grid[1] - grid[0]
+        return 0.5 + float(h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum()))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def seeds_t_interval(per_seed: list[float], level: float = 0.95) -> list[float]:
+    """t-interval of the mean over K per-seed values (t with K−1 df). With K = 4 seeds a bootstrap over
+    seeds understates their spread (it never draws a value outside the four); this is the check on it."""
+    x = np.asarray(per_seed, dtype=np.float64)
+    if x.size < 2:
+        return [float("nan"), float("nan")]
+    half = student_t_quantile(1 - (1 - level) / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return [float(x.mean() - half), float(x.mean() + half)]
+
+
+def variance_components(diffs: list[list[float]]) -> dict[str, float]:
+    """Two-way decomposition of paired differences `d[k, i]` (seed k, item i) into seed, item and residual
+    standard deviations (method of moments, negative estimates set to 0), for planning K and n."""
+    d = np.asarray(diffs, dtype=np.float64)
+    k, n = d.shape
+    if k < 2 or n < 2:
+        raise ValueError(f"variance_components needs at least 2 seeds and 2 items, got {k} x {n}")
+    grand, by_seed, by_item = d.mean(), d.mean(axis=1), d.mean(axis=0)
+    ms_seed = n * ((by_seed - grand) ** 2).sum() / (k - 1)
+    ms_item = k * ((by_item - grand) ** 2).sum() / (n - 1)
+    resid = d - by_seed[:, None] - by_item[None, :] + grand
+    ms_resid = (resid ** 2).sum() / ((k - 1) * (n - 1))
+    return {"seed": math.sqrt(max((ms_seed - ms_resid) / n, 0.0)),
+            "item": math.sqrt(max((ms_item - ms_resid) / k, 0.0)),
+            "residual": math.sqrt(ms_resid)}
+
+
+def detectable_effect(components: dict[str, float], seeds: int, items: int, level: float = 0.95,
+                      power: float = 0.8) -> dict[str, float]:
+    """Standard error of a paired contrast over `seeds` × `items`, the CI half-width at `level`, and the
+    smallest true effect found with probability `power` (normal approximation: (z_a + z_b) · SE)."""
+    se = math.sqrt(components["seed"] ** 2 / seeds + components["item"] ** 2 / items
+                   + components["residual"] ** 2 / (seeds * items))
+    z_a = _normal_quantile(1 - (1 - level) / 2)
+    z_b = _normal_quantile(power)
+    return {"se": se, "ci_half_width": z_a * se, "detectable": (z_a + z_b) * se}
+
+
+def _normal_quantile(p: float) -> float:
+    """Standard normal quantile by bisection on erf (exact to float precision; no scipy)."""
+    lo, hi = -10.0, 10.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p else (lo, mid)
+    return (lo + hi) / 2
