@@ -85,8 +85,16 @@ def _compare():
                             "srpo_po='algorithm.name=srpo algorithm.srpo.consistency=perception_only' (repeatable)")
         p.add_argument("--seeds", type=int, default=1, help="seeds per arm (train.seed, +1, ...); CIs need >= 3")
         p.add_argument("--out", default="runs/compare")
+        p.add_argument("--report", nargs="+", metavar="COMPARE_JSON", default=None,
+                       help="no training: re-analyse saved compare.json files (same warm-up and items; merged), "
+                            "print every contrast, write report.json and report.png beside the first")
 
     def run(a: argparse.Namespace) -> int:
+        if a.report:
+            from .compare_report import report
+
+            report(a.report)
+            return 0
         from .compare import run_compare
 
         arms = tuple(x for x in a.arms.split(",") if x) + tuple(a.arm)

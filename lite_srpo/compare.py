@@ -5,7 +5,7 @@ steps; only the arm's overrides change (by default `algorithm.name`, and so its 
 with seeds `train.seed + 0 … K−1` (the seed sets the RL prompt order and the sampling), and each run is
 scored on the same held-out items under greedy and avg@8 (T = 1). The table gives each arm's mean with
 a 95 % interval from a two-level bootstrap (seeds, then items), and each seed method's paired difference
-against the base arm its paper builds on (`PAIRS`; same seeds, same items).
+against the base arm its paper builds on (`compare_report.PAIRS`; same seeds, same items).
 """
 from __future__ import annotations
 
@@ -16,18 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .compare_report import analyse, format_contrasts
 from .config import apply_overrides, config_from_dict, config_to_dict, load_config
 from .data import load_splits
 from .demo import DEMO_RECIPE, both_protocols, ensure_model, protocol_key, PROTOCOLS
 from .events import read_events
 from .modeling import load_policy
 from .pipeline import ensure_warmup
-from .stats import paired_seeds_items, seeds_items_ci
 from .train import train
 
 DEFAULT_ARMS = ("grpo", "dapo", "srpo", "papo", "vppo", "vgpo")
-# (arm, the base arm its paper builds on): SRPO, VPPO and VGPO on DAPO, PAPO on GRPO.
-PAIRS = (("srpo", "dapo"), ("papo", "grpo"), ("vppo", "dapo"), ("vgpo", "dapo"))
 
 
 def parse_arm(text: str) -> tuple[str, list[str]]:
@@ -101,27 +99,13 @@ def run_compare(recipe: str | None = None, overrides: list[str] | None = None,
                    "group_size": warm.rollout.group_size, "lr": warm.optim.lr,
                    "warmup": {k2: {k3: v for k3, v in r.items() if k3 != "items"} for k2, r in start.items()},
                    "warmup_items": {k2: r["items"] for k2, r in start.items()},
-                   "runs": rows, "arms": summarize_arms(done), "paired": paired(done), "items": items}
+                   "runs": rows, "items": items}
+            out.update(analyse({"items": done}))
             (root / "compare.json").write_text(json.dumps(out, indent=1))  # after every run: partial results survive
     curves = compare_curves(root, rows)
     if curves is not None:
         out["curves"] = str(curves)
     print(format_compare(out))
-    return out
-
-
-def summarize_arms(items: dict[str, dict[str, list[list[float]]]]) -> dict[str, dict]:
-    return {arm: {key: seeds_items_ci(v) for key, v in per.items() if v} for arm, per in items.items()}
-
-
-def paired(items: dict[str, dict[str, list[list[float]]]]) -> dict[str, dict]:
-    out = {}
-    for arm, base in PAIRS:
-        if arm in items and base in items:
-            k = min(len(items[arm]["greedy"]), len(items[base]["greedy"]))  # the seeds both arms have finished
-            if k > 0:
-                out[f"{arm}-{base}"] = {key: paired_seeds_items(items[arm][key][:k], items[base][key][:k])
-                                        for key in items[arm]}
     return out
 
 
@@ -147,9 +131,7 @@ def format_compare(r: dict) -> str:
     for arm, s in r["arms"].items():
         per_step = np.mean([x["seconds_per_step"] for x in r["runs"] if x["arm"] == arm])
         lines.append(f"| {arm} | {_fmt(s['greedy'])} | {_fmt(s['avg@8'])} | {per_step:.2f} |")
-    for name, d in r["paired"].items():
-        lines.append(f"paired {name}: greedy {_fmt(d['greedy'])}, avg@8 {_fmt(d['avg@8'])}; per seed avg@8 "
-                     + ", ".join(f"{x:+.3f}" for x in d["avg@8"]["per_seed"]))
+    lines += format_contrasts(r["paired"])
     if r.get("curves"):
         lines.append(f"curves: {r['curves']}")
     return "\n".join(lines)
