@@ -220,3 +220,27 @@ def test_role_metrics_without_roles_are_finite():
     m = srpo.role_metrics(w, roles, mask, torch.zeros(2, 3), torch.zeros(2, 3))
     assert all(math.isfinite(v) for v in m.values())
     assert m["srpo/weight_perception"] == 1.0 and m["srpo/perception_score_mean"] == 0.0
+
+
+@pytest.mark.parametrize("weighted, fixed_role", [((srpo.PERCEPTION,), srpo.REASONING), ((srpo.REASONING,), srpo.PERCEPTION)])
+def test_role_weights_for_one_role_leave_the_other_at_exactly_one(weighted, fixed_role):
+    """The ablations `weighted_roles: perception|reasoning`: the unweighted role is treated as other tokens."""
+    g = torch.Generator().manual_seed(3)
+    roles = torch.randint(0, 3, (4, 12), generator=g)
+    mask = torch.ones(4, 12)
+    mask[0, 9:] = 0
+    d = torch.rand(4, 12, generator=g) * 3 * (roles == srpo.PERCEPTION)
+    e = torch.rand(4, 12, generator=g) * 3 * (roles == srpo.REASONING)
+    w = srpo.role_weights(d, e, roles, mask, lam=0.5, weighted=weighted)
+    assert torch.equal(w[(roles == fixed_role) | (roles == srpo.OTHER) | (mask == 0)],
+                       torch.ones_like(w[(roles == fixed_role) | (roles == srpo.OTHER) | (mask == 0)]))
+    kept = (roles == weighted[0]) & (mask == 1)
+    assert not torch.allclose(w[kept], torch.ones_like(w[kept]))  # the weighted role really moves
+    for i in range(4):  # renormalised over the weighted role's tokens only
+        if kept[i].any():
+            assert float(w[i][kept[i]].mean()) == pytest.approx(1.0, abs=1e-6)
+    # weighting that role alone equals weighting both when the other role's scores are absent from the batch
+    only = torch.where(roles == fixed_role, torch.full_like(roles, srpo.OTHER), roles)
+    assert torch.allclose(w, srpo.role_weights(d, e, only, mask, lam=0.5))
+    with pytest.raises(ValueError, match="weighted must name roles"):
+        srpo.role_weights(d, e, roles, mask, weighted=())

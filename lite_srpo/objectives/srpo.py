@@ -76,7 +76,7 @@ def reasoning_scores_from_corrupted(old_logp: torch.Tensor, corrupted_logp: torc
 
 def role_weights(perception_score: torch.Tensor, reasoning_score: torch.Tensor, roles: torch.Tensor,
                  mask: torch.Tensor, lam: float = 0.5, tau: float = 1.0,
-                 renormalize: bool = True) -> torch.Tensor:
+                 renormalize: bool = True, weighted: tuple[int, ...] = (PERCEPTION, REASONING)) -> torch.Tensor:
     """Positive per-token weights from role scores with one shared baseline per trajectory.
 
     Per role r ∈ {1, 2}: ``u = (s - μ_r)/(σ_r + 1e-6)`` with μ_r, σ_r the mean and population std of
@@ -99,8 +99,10 @@ def role_weights(perception_score: torch.Tensor, reasoning_score: torch.Tensor, 
     # the 1e-6 in σ + 1e-6, and equal scores would get weights visibly different from 1.
     dtype = torch.float64
     valid = mask.bool()  # [N, T]
-    is_p = valid & (roles == PERCEPTION)  # [N, T]
-    is_r = valid & (roles == REASONING)  # [N, T]
+    if not weighted or set(weighted) - {PERCEPTION, REASONING}:
+        raise ValueError(f"weighted must name roles {PERCEPTION} (perception) and/or {REASONING} (reasoning); got {weighted}")
+    is_p = valid & (roles == PERCEPTION) & (PERCEPTION in weighted)  # [N, T]
+    is_r = valid & (roles == REASONING) & (REASONING in weighted)  # [N, T]
     is_role = is_p | is_r  # [N, T]
 
     u = torch.zeros(valid.shape, dtype=dtype, device=valid.device)  # [N, T]
