@@ -80,7 +80,7 @@ def test_parquet_round_trip_with_embedded_bytes(tmp_path, procedural):
 
 
 def test_save_to_disk_round_trip(tmp_path, procedural):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # pinned in requirements.txt: a broken install fails here, never skips
     ds = datasets.Dataset.from_dict(
         {"images": [s.images for s in procedural], "problem": [s.question for s in procedural],
          "answer": [s.answer for s in procedural]},

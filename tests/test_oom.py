@@ -6,10 +6,14 @@ pretend memory limit allows. Everything else is the real code path.
 """
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_recipe
+from conftest import assert_same, tiny_recipe
+from lite_srpo import rewards
 from lite_srpo import train as train_mod
 from lite_srpo.config import config_from_dict
 from lite_srpo.events import read_events
@@ -53,17 +57,35 @@ def test_micro_batch_halves_8_to_4_to_2(tiny_qwen, tmp_path, monkeypatch):
     assert adam_steps(run) == {1.0}  # the failed tries applied nothing
 
 
-def test_retry_after_a_partial_step_does_not_apply_an_update_twice(tiny_qwen, tmp_path, monkeypatch):
+def noisy_reward(response, sample, fmt) -> float:
+    """Draws from the python, numpy and torch global RNGs, as a user's reward may: the retried step sees
+    the same draws only if the retry restored all three (the sampler itself is seeded per step)."""
+    return 0.01 * (random.random() + float(np.random.rand()) + float(torch.rand(())))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw8bit"])
+def test_retry_after_a_partial_step_does_not_apply_an_update_twice(tiny_qwen, tmp_path, monkeypatch, optimizer):
     """mini_batches=2: the first mini-batch's optimizer step has been taken when the second one runs out
-    of memory. The retried step must start from the state before the step (adapter, AdamW, RNG), so the
-    run ends equal to one that never hit the fault (which ran at micro-batch 2 from the start)."""
+    of memory. The retried step must start from the state before the step (adapter, optimizer, RNG), so
+    the run ends equal to one that never hit the fault (which ran at micro-batch 2 from the start).
+    `paged_adamw8bit` is the CUDA default; bitsandbytes' 8-bit optimizers also run on CPU, so its state
+    restore is tested here for real (only the paging to host memory needs a GPU)."""
+    monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "test_noisy", noisy_reward)
+
     def setup(root, micro):
         cfg = config_from_dict(tiny_recipe(tiny_qwen, root, train__steps=2, train__micro_batch_size=micro,
                                            train__mini_batches=2, rollout__prompts_per_step=4,
-                                           rollout__max_new_tokens=6))
+                                           rollout__max_new_tokens=6, optim__optimizer=optimizer,
+                                           reward__weights={"format": 0.1, "test_length": 1.0, "test_noisy": 1.0}))
         return train_mod.setup(cfg)
 
+    def reseed():  # both runs start their steps from the same global RNG state
+        random.seed(7)
+        np.random.seed(7)
+        torch.manual_seed(7)
+
     clean = setup(tmp_path / "clean", 2)
+    reseed()
     for step in (1, 2):
         train_mod.step_with_oom_retry(clean, step)
 
@@ -79,6 +101,7 @@ def test_retry_after_a_partial_step_does_not_apply_an_update_twice(tiny_qwen, tm
 
     monkeypatch.setattr(train_mod, "rows_logprobs", second_mini_batch_ooms)
     steps_seen = []
+    reseed()
     hook = faulty.optimizer.register_step_post_hook(lambda opt, a, k: steps_seen.append(calls["n"]))
     for step in (1, 2):
         train_mod.step_with_oom_retry(faulty, step)
@@ -90,8 +113,7 @@ def test_retry_after_a_partial_step_does_not_apply_an_update_twice(tiny_qwen, tm
     a, b = adapter(clean), adapter(faulty)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    sa, sb = clean.optimizer.state_dict()["state"], faulty.optimizer.state_dict()["state"]
-    for i in sa:
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(sa[i][key], sb[i][key]), (i, key)
+    assert type(clean.optimizer).__name__ == type(faulty.optimizer).__name__ == \
+        {"adamw": "AdamW", "paged_adamw8bit": "PagedAdamW8bit"}[optimizer]
+    assert_same(clean.optimizer.state_dict()["state"], faulty.optimizer.state_dict()["state"], "optimizer state")
     assert clean.scheduler.state_dict() == faulty.scheduler.state_dict()

@@ -51,7 +51,8 @@ def test_rollout_tokens_are_inverse_cdf_draws_of_the_teacher_forced_distribution
     inputs, plen = collate(rows, pad_token_id(policy), batch.response_ids, batch.response_mask, device=policy.device)
     with torch.no_grad():
         hidden = response_hidden(policy.hidden_states(inputs), plen, batch.response_ids.shape[1])
-        logits = policy.hf.get_output_embeddings()(hidden).float()
+        raw_logits = policy.hf.get_output_embeddings()(hidden).float()
+    logits = raw_logits.clone()
     logits[..., suppressed] = float("-inf")
     mask = batch.response_mask.bool()
     checked = 0
@@ -61,11 +62,14 @@ def test_rollout_tokens_are_inverse_cdf_draws_of_the_teacher_forced_distribution
         assert torch.equal(picks[live], batch.response_ids[live, t]), t
         checked += int(live.sum())
     assert checked == int(mask.sum()) > 0
-    # and the training pass scores them under the same distribution (no suppression there, so <=)
+    # and the training pass scores them at the same temperature, over the unsuppressed vocabulary (the
+    # trainer never suppresses): two-sided, so a wrong temperature or a stray suppression fails
     with torch.no_grad():
         logp = rows_logprobs(policy, batch, list(range(batch.size)), 16, temperature)
-    ref = torch.log_softmax(logits / temperature, dim=-1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
-    assert (logp[mask] <= ref[mask] + 1e-5).all()
+    ref = torch.log_softmax(raw_logits / temperature, dim=-1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    assert torch.allclose(logp[mask], ref[mask], atol=1e-5, rtol=0)
+    wrong_t = torch.log_softmax(raw_logits, dim=-1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    assert not torch.allclose(logp[mask], wrong_t[mask], atol=1e-5, rtol=0)  # T matters at these logits
 
 
 def test_hf_sampler_is_kept_for_truncated_sampling_and_on_request(tiny_qwen):

@@ -182,3 +182,30 @@ def test_bad_arguments_raise_config_error():
     with pytest.raises(ConfigError, match="n must"):
         make_task("gauge", "train", -1, 0)
     assert make_task("gauge", "train", 0, 0) == []
+
+
+def test_near_colours_shares_count_shapes_layout_but_only_near_shades_distract():
+    """The perception-heavy task: every non-target shape is a near shade of the asked colour, and the
+    answer is the count of shapes drawn in exactly the asked colour."""
+    from lite_srpo.tasks.procedural import COLOURS, NEAR_COLOURS, SHADES
+
+    samples = make_task("near_colours", "train", 200, seed=0)
+    assert {s.answer for s in samples} == {"0", "1", "2", "3", "4"}
+    for s in samples:
+        target = s.question.split()[2]
+        assert target in NEAR_COLOURS and set(s.meta["counts"]) == {target, *NEAR_COLOURS[target]}
+        assert s.answer == str(s.meta["counts"][target])
+        assert sum(s.meta["counts"].values()) <= 4
+    # the shades really are near: closer to the asked colour than any other colour count_shapes uses
+    for target, near in NEAR_COLOURS.items():
+        for rgb in near.values():
+            d_target = sum((a - b) ** 2 for a, b in zip(rgb, COLOURS[target])) ** 0.5
+            d_other = min(sum((a - b) ** 2 for a, b in zip(rgb, COLOURS[c])) ** 0.5
+                          for c in ("red", "blue", "green") if c != target)
+            assert 30 < d_target < d_other, (target, rgb)
+    # and the image shows them: the asked colour's pixels count the target shapes
+    s = next(x for x in samples if x.meta["counts"][x.question.split()[2]] == 0)
+    target_rgb = COLOURS[s.question.split()[2]]
+    pixels = list(s.images[0].getdata())
+    assert not any(sum((a - b) ** 2 for a, b in zip(p, target_rgb)) < 20 ** 2 for p in pixels)
+    assert any(sum((a - b) ** 2 for a, b in zip(p, rgb)) < 20 ** 2 for p in pixels for rgb in SHADES.values())

@@ -67,9 +67,8 @@ def fill(page, elem_id: str, value: str) -> None:
 
 @pytest.fixture()
 def app(tmp_path, tiny_qwen, monkeypatch):
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed (make browser)")
-    pytest.importorskip("playwright.sync_api")
+    assert Path(CHROMIUM).exists(), "Debian chromium is not installed: run `make browser` (make test does)"
+    import playwright.sync_api  # noqa: F401 - pinned in requirements.txt: a broken install fails, never skips
     from lite_srpo.ui_launch import launch
 
     runs_dir = tmp_path / "runs"

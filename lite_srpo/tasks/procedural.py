@@ -82,6 +82,43 @@ def _sample_count(rng: random.Random) -> CountParams:
     return CountParams(target, tuple(cells))
 
 
+# --- near_colours: count_shapes' layout, but the other shapes are close shades of the asked colour ------
+
+NEAR_COLOURS: dict[str, dict[str, RGB]] = {  # asked colour -> its two near shades (about 60 RGB units away)
+    "red": {"vermilion": (225, 85, 25), "crimson": (185, 25, 75)},
+    "blue": {"azure": (30, 135, 230), "indigo": (75, 45, 195)},
+}
+SHADES: dict[str, RGB] = {name: rgb for near in NEAR_COLOURS.values() for name, rgb in near.items()}
+
+
+def _sample_near(rng: random.Random) -> CountParams:
+    """The same 2x2 layout and answer distribution as count_shapes; every non-target shape is one of the
+    asked colour's near shades, so the count depends on telling close colours apart (perception), while
+    the reasoning stays one step."""
+    target = rng.choice(sorted(NEAR_COLOURS))
+    count = rng.randint(0, MAX_COUNT)
+    order = rng.sample(range(4), 4)
+    shades = sorted(NEAR_COLOURS[target])
+    cells: list[Shape | None] = [None] * 4
+    for rank, cell in enumerate(order):
+        if rank < count:
+            colour = target
+        elif rng.random() < 0.85:
+            colour = rng.choice(shades)
+        else:
+            continue
+        cells[cell] = Shape(colour, rng.choice(SHAPES), rng.randint(-2, 2), rng.randint(-2, 2), rng.randint(0, 2))
+    return CountParams(target, tuple(cells))
+
+
+def _describe_near(p: CountParams) -> tuple[str, str, list[str] | None, dict]:
+    names = [p.target, *sorted(NEAR_COLOURS[p.target])]
+    counts = {c: sum(1 for s in p.cells if s is not None and s.colour == c) for c in names}
+    meta = {"counts": counts, "perception": ", ".join(f"{c} {n}" for c, n in counts.items()),
+            "reasoning": f"{p.target} is {counts[p.target]}"}
+    return f"How many {p.target} shapes are in the image?", str(counts[p.target]), None, meta
+
+
 def _render_count(p: CountParams, size: int) -> Image.Image:
     im, draw, s = _canvas(size)
     cell = s / 2
@@ -92,7 +129,7 @@ def _render_count(p: CountParams, size: int) -> Image.Image:
         cx = (col + 0.5) * cell + shape.dx * cell / 25
         cy = (row + 0.5) * cell + shape.dy * cell / 25
         r = cell * (0.30 + 0.03 * shape.size)
-        fill = COLOURS[shape.colour]
+        fill = COLOURS.get(shape.colour) or SHADES[shape.colour]
         if shape.kind == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif shape.kind == "square":
@@ -278,8 +315,9 @@ def _finish(im: Image.Image, size: int) -> Image.Image:
 count_shapes = ProceduralTask("count_shapes", _sample_count, _render_count, _describe_count)
 bar_compare = ProceduralTask("bar_compare", _sample_bars, _render_bars, _describe_bars)
 gauge = ProceduralTask("gauge", _sample_gauge, _render_gauge, _describe_gauge)
+near_colours = ProceduralTask("near_colours", _sample_near, _render_count, _describe_near)
 
-TASKS: dict[str, ProceduralTask] = {t.name: t for t in (count_shapes, bar_compare, gauge)}
+TASKS: dict[str, ProceduralTask] = {t.name: t for t in (count_shapes, bar_compare, gauge, near_colours)}
 
 
 def make_task(name: str, split: str, n: int, seed: int, image_size: int = 56) -> list[Sample]:
