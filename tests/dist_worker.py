@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from lite_srpo import cli, passes, train
+from lite_srpo import cli
+from lite_srpo.rl import passes, train
 
 
 def inject(fault: str) -> None:

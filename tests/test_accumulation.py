@@ -13,14 +13,14 @@ import dataclasses
 
 import pytest
 import torch
+from test_sign import hand_batch
 
 from conftest import tiny_recipe
-from lite_srpo import train as train_mod
-from lite_srpo.algorithms import Shaping, ShapeInputs
 from lite_srpo.config import config_from_dict
-from lite_srpo.optim import build_optimizer, build_scheduler
-from lite_srpo.passes import run_passes
-from test_sign import hand_batch
+from lite_srpo.rl import train as train_mod
+from lite_srpo.rl.algorithms import ShapeInputs, Shaping
+from lite_srpo.rl.optim import build_optimizer, build_scheduler
+from lite_srpo.rl.passes import run_passes
 
 ADV = torch.tensor([1.3, -0.4, -0.9, 0.7])  # sequence advantages of the 4 rows (2 prompts x G=2)
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lite_srpo import checkpoint as ckpt
-from lite_srpo.checkpoint import (OPTIMIZER_KEY, SCHEDULER_KEY, STATE_FILE, STEP_KEY, checkpoint_dirs,
-                                  latest_checkpoint, load_trainer_state, restore, save_checkpoint)
 from lite_srpo.errors import LiteSrpoError
+from lite_srpo.run import checkpoint as ckpt
+from lite_srpo.run.checkpoint import (OPTIMIZER_KEY, SCHEDULER_KEY, STATE_FILE, STEP_KEY, checkpoint_dirs,
+                                      latest_checkpoint, load_trainer_state, restore, save_checkpoint)
 
 
 class Tiny(torch.nn.Module):

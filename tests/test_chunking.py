@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from lite_srpo.chunking import (AUTO_MAX_CHUNK, AUTO_MIN_CHUNK, AUTO_WEIGHT_FRACTION, LOGITS_COPIES_GRAD,
-                                auto_logprob_chunk, resolved_logprob_chunk, weight_bytes)
-from lite_srpo.memory import KNOWN_MODELS, dims_from_config
+from lite_srpo.model.chunking import (AUTO_MAX_CHUNK, AUTO_MIN_CHUNK, AUTO_WEIGHT_FRACTION, LOGITS_COPIES_GRAD,
+                                      auto_logprob_chunk, resolved_logprob_chunk, weight_bytes)
+from lite_srpo.model.memory.plan import KNOWN_MODELS, dims_from_config
 
 # The CPU bench model (bench/common.py): Qwen2.5-VL architecture, 2 layers, H=256, real V=151,936.
 BENCH_TEXT = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -50,19 +50,18 @@ def test_values_for_7b_3b_and_the_bench_model():
 
 def test_trainer_and_planner_resolve_the_same_chunk(tiny_qwen, caplog):
     """The loaded policy's config and the planner's config.json give one answer, and the plan reports it."""
-    from lite_srpo.chunking import policy_logprob_chunk
-    from lite_srpo.config import config_from_dict
-    from lite_srpo.memory import format_plan, plan
-    from lite_srpo.modeling import load_policy
-
     from conftest import tiny_recipe
+    from lite_srpo.config import config_from_dict
+    from lite_srpo.model.chunking import policy_logprob_chunk
+    from lite_srpo.model.memory.plan import format_plan, plan
+    from lite_srpo.model.policy import load_policy
 
     cfg = config_from_dict(tiny_recipe(tiny_qwen, "runs-unused", train__logprob_chunk="auto"))
     policy = load_policy(cfg.model, cfg.lora)
-    with caplog.at_level("INFO", logger="lite_srpo.chunking"):
+    with caplog.at_level("INFO", logger="lite_srpo.model.chunking"):
         trained = policy_logprob_chunk(cfg, policy)
         assert policy_logprob_chunk(cfg, policy) == trained  # resolved once per policy, logged once
-    ours = [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "lite_srpo.chunking"]
+    ours = [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "lite_srpo.model.chunking"]
     assert ours == [f"train.logprob_chunk: auto -> {trained} rows"]
     p = plan(cfg, 24.0, device="cpu")
     assert p["shape"]["logprob_chunk"] == trained == AUTO_MIN_CHUNK  # a tiny model: the floor

@@ -5,15 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lite_srpo.corrupt import (
-    CORRUPTIONS,
-    blur,
-    constant_fill,
-    corrupt_image,
-    corrupt_images,
-    gaussian_noise,
-    patch_blacken,
-)
+from lite_srpo.data.corrupt import (CORRUPTIONS, blur, constant_fill, corrupt_image, corrupt_images, gaussian_noise,
+                                    patch_blacken)
 from lite_srpo.errors import ConfigError
 
 PARAMS = {"patch": {"patch": 14, "prob": 0.6}, "noise": {"std": 64.0}, "blur": {"radius": 3.0}, "constant": {}}

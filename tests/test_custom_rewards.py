@@ -12,15 +12,15 @@ import pytest
 
 from conftest import tiny_recipe
 from lite_srpo.config import RewardConfig, config_from_dict
-from lite_srpo.custom_rewards import RewardLoadError, parse_reward_ref
+from lite_srpo.config.user_rewards import RewardLoadError, parse_reward_ref
+from lite_srpo.data.prompts import ResponseFormat
+from lite_srpo.data.tasks import make_task
+from lite_srpo.data.tasks.base import Sample
 from lite_srpo.errors import ConfigError, LiteSrpoError
-from lite_srpo.events import read_events
-from lite_srpo.prompts import ResponseFormat
-from lite_srpo.reward_pool import RewardPool
-from lite_srpo.reward_runner import RewardFailureError, Rewarder
-from lite_srpo.tasks import make_task
-from lite_srpo.tasks.base import Sample
-from lite_srpo.train import prompts_for_step, train
+from lite_srpo.rewards.pool import RewardPool
+from lite_srpo.rewards.runner import Rewarder, RewardFailureError
+from lite_srpo.rl.train import prompts_for_step, train
+from lite_srpo.run.events import read_events
 
 REWARDS = textwrap.dedent('''
     import json, math, time

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lite_srpo.demo import format_table, run_demo
-from lite_srpo.stats import bootstrap_ci, paired_difference, seeds_items_ci
+from lite_srpo.eval.demo import format_table, run_demo
+from lite_srpo.eval.stats import bootstrap_ci, paired_difference, seeds_items_ci
 
 
 @pytest.mark.slow

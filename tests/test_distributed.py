@@ -179,8 +179,8 @@ def test_accelerate_launch_runs_the_same_job(grpo_runs):
 
 def _exchange_worker(rank: int, port: int, out_dir: str) -> None:
     """One of two gloo ranks: rank 0 keeps its first group (width 3), rank 1 its second (width 5)."""
-    from lite_srpo.data_parallel import StepShare, exchange
-    from lite_srpo.distributed import init_from_env, shutdown
+    from lite_srpo.rl.data_parallel import StepShare, exchange
+    from lite_srpo.run.distributed import init_from_env, shutdown
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -225,7 +225,7 @@ def test_exchange_with_uneven_kept_rows_and_widths(tmp_path):
 def test_bad_process_counts_are_refused_before_launch(tiny_qwen, tmp_path):
     from lite_srpo.config import config_from_dict
     from lite_srpo.errors import LiteSrpoError
-    from lite_srpo.launch import check_nproc
+    from lite_srpo.run.launch import check_nproc
 
     cfg = config_from_dict(tiny_recipe(tiny_qwen, tmp_path, rollout__prompts_per_step=6))
     with pytest.raises(LiteSrpoError, match="prompts_per_step=6 is not divisible by the 4 ranks"):
@@ -271,7 +271,7 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint(g
 def test_each_rank_loads_its_model_on_its_own_gpu(monkeypatch):
     """No GPU here, so CUDA is mocked (and only that): after `init_from_env` set rank 1's device, the model
     goes to cuda:1, not to cuda:0 where every rank's copy would otherwise land."""
-    from lite_srpo.modeling import pick_device
+    from lite_srpo.model.policy import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)

@@ -7,16 +7,16 @@ import torch
 from PIL import Image
 
 from conftest import tiny_recipe
-from lite_srpo.checkpoint import save_checkpoint
 from lite_srpo.config import config_from_dict, dump_yaml
+from lite_srpo.data.prompts import ResponseFormat
+from lite_srpo.data.tasks import make_task, write_jsonl
 from lite_srpo.errors import ConfigError, DataError, LiteSrpoError
-from lite_srpo.eval_cli import eval_main, format_table, summarize
-from lite_srpo.export import export_main, resolve_checkpoint
-from lite_srpo.modeling import load_policy
-from lite_srpo.prompts import ResponseFormat
-from lite_srpo.rewards import extract_answer
-from lite_srpo.rollout import encode_prompt, generate
-from lite_srpo.tasks import make_task, write_jsonl
+from lite_srpo.eval.eval_cli import eval_main, format_table, summarize
+from lite_srpo.model.export.export import export_main, resolve_checkpoint
+from lite_srpo.model.policy import load_policy
+from lite_srpo.rewards.builtin import extract_answer
+from lite_srpo.rl.rollout import encode_prompt, generate
+from lite_srpo.run.checkpoint import save_checkpoint
 
 MAX_NEW = 6
 

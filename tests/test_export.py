@@ -11,15 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
-from lite_srpo import rewards
-from lite_srpo.checkpoint import save_checkpoint
 from lite_srpo.config import config_from_dict, dump_yaml
+from lite_srpo.data.prompts import ResponseFormat
 from lite_srpo.errors import LiteSrpoError, ModelError
-from lite_srpo.export import (ExportError, compare_logits, export_main, probe_inputs, resolve_checkpoint,
-                              within_tolerance)
-from lite_srpo.modeling import load_policy
-from lite_srpo.processors import load_processor
-from lite_srpo.prompts import ResponseFormat
+from lite_srpo.model.export.export import (ExportError, compare_logits, export_main, probe_inputs, resolve_checkpoint,
+                                           within_tolerance)
+from lite_srpo.model.policy import load_policy
+from lite_srpo.model.processors import load_processor
+from lite_srpo.rewards import builtin as rewards
+from lite_srpo.run.checkpoint import save_checkpoint
 
 FMT = ResponseFormat()
 
@@ -31,7 +31,7 @@ def trained_run(tiny_qwen, tmp_path_factory):
     PAPO with conftest's length reward: its perception-KL term has a gradient even when all rewards of a
     group are equal; with Adam at lr 0.05 that moves LoRA B clearly away from zero.
     """
-    from lite_srpo.train import train
+    from lite_srpo.rl.train import train
 
     root = tmp_path_factory.mktemp("runs4")
     with pytest.MonkeyPatch.context() as mp:
@@ -101,8 +101,9 @@ def test_adapter_export_reloads_identically(trained_run, tmp_path, capsys):
     processor = load_processor(info["base"])
     inputs = probe_inputs(processor, FMT)
     from peft import PeftModel
+
     from lite_srpo.config import ModelConfig
-    from lite_srpo.modeling import load_base
+    from lite_srpo.model.policy import load_base
 
     base, _, _ = load_base(ModelConfig(path=info["base"], load_in_4bit=True, dtype="float32"))
     with torch.no_grad():
@@ -183,7 +184,7 @@ def test_merged_full_precision_export_matches(full_precision_run, tmp_path):
 
 
 def _base_logits(run_dir, inputs):
-    from lite_srpo.modeling import load_base
+    from lite_srpo.model.policy import load_base
 
     cfg = resolve_checkpoint(run_dir).cfg
     base, _, _ = load_base(cfg.model)

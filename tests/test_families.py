@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from lite_srpo import passes as passes_mod
-from lite_srpo import train as train_mod
 from lite_srpo.config import config_from_dict
-from lite_srpo.evaluate import Protocol, evaluate
-from lite_srpo.events import read_events
-from lite_srpo.export import export_main
-from lite_srpo.rollout import collate_visual, encode_visual
-from lite_srpo.tiny import available_archs
+from lite_srpo.model.export.export import export_main
+from lite_srpo.model.tiny import available_archs
+from lite_srpo.rl import passes as passes_mod
+from lite_srpo.rl import train as train_mod
+from lite_srpo.rl.evaluate import Protocol, evaluate
+from lite_srpo.rl.rollout import collate_visual, encode_visual
+from lite_srpo.run.events import read_events
 
 FAMILIES = ["qwen2_vl", "qwen3_vl", "idefics3"]
 

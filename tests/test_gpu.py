@@ -41,7 +41,7 @@ def _step(model: str, r: int, g: int = 4, chunk: int = 1024) -> dict:
 def test_srpo_step_peak_matches_the_planner(bench_model):
     from bench.common import step_recipe
     from lite_srpo.config import config_from_dict
-    from lite_srpo.memory import plan
+    from lite_srpo.model.memory.plan import plan
 
     job = {"model": bench_model, "algo": "srpo", "G": 4, "R": 512, "chunk": 1024, "micro_batch": 2}
     res = _step(bench_model, 512)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lite_srpo.objectives import grpo
+from lite_srpo.rl.objectives import grpo
 
 F64 = torch.float64
 EPS = 1e-6
@@ -209,7 +209,7 @@ def test_kl_k3_by_hand():
 def test_overlong_penalty_hand_computed():
     """DAPO's soft overlong punishment with max 20, buffer 0.2 (4 tokens): 0 up to 16 tokens, then a linear
     ramp −(L − 16)/4, and the full −1 (× penalty) for a truncated response whatever its counted length."""
-    from lite_srpo.objectives.grpo import overlong_penalty
+    from lite_srpo.rl.objectives.grpo import overlong_penalty
 
     lengths = torch.tensor([10, 16, 17, 18, 20, 20])
     truncated = torch.tensor([False, False, False, False, False, True])

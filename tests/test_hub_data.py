@@ -8,11 +8,11 @@ import datasets
 import pytest
 from PIL import Image
 
-from lite_srpo import hub_data
 from lite_srpo.config import DataConfig, config_from_dict
-from lite_srpo.data import load_splits
+from lite_srpo.data import hub as hub_data
+from lite_srpo.data.hub import HubRef, dataset_samples, load_data_source, load_hub_table, parse_hub_uri
+from lite_srpo.data.splits import load_splits
 from lite_srpo.errors import ConfigError, DataError
-from lite_srpo.hub_data import HubRef, dataset_samples, load_data_source, load_hub_table, parse_hub_uri
 
 README = """---
 configs:

@@ -18,8 +18,8 @@ import torch
 
 from conftest import tiny_recipe
 from lite_srpo.config import ALGORITHMS, config_from_dict
-from lite_srpo.events import read_events
-from lite_srpo.train import train
+from lite_srpo.rl.train import train
+from lite_srpo.run.events import read_events
 
 MARGIN = 0.2
 STEPS = 12

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from lite_srpo.data.tasks import Sample, load_benchmark, load_image, load_samples, make_task, write_jsonl
+from lite_srpo.data.tasks.benchmarks import detect_benchmark, parse_option_string, split_choice_block
 from lite_srpo.errors import ConfigError, DataError
-from lite_srpo.tasks import Sample, load_benchmark, load_image, load_samples, make_task, write_jsonl
-from lite_srpo.tasks.benchmarks import detect_benchmark, parse_option_string, split_choice_block
 
 W = "t.jsonl row 1"
 

@@ -8,8 +8,8 @@ import pytest
 
 from lite_srpo.config import config_from_dict, load_config
 from lite_srpo.errors import ConfigError, ModelError
-from lite_srpo.memory import (GIB, KNOWN_MODELS, NF4_DQ_BYTES_PER_PARAM, dims_from_config, format_plan, image_tokens,
-                              load_model_dims, parse_memory, plan, plan_main)
+from lite_srpo.model.memory.plan import (GIB, KNOWN_MODELS, NF4_DQ_BYTES_PER_PARAM, dims_from_config, format_plan,
+                                         image_tokens, load_model_dims, parse_memory, plan, plan_main)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE_7B = ROOT / "recipes" / "qwen2_5_vl_7b_srpo_24gb.yaml"
@@ -32,7 +32,7 @@ def term(p: dict, name: str, phase: str) -> float:
 def test_parameter_groups_match_the_real_tiny_models(tiny_factory, arch):
     from transformers import AutoModelForImageTextToText
 
-    from lite_srpo.tiny import available_archs
+    from lite_srpo.model.tiny import available_archs
 
     if arch not in available_archs():
         pytest.skip(f"{arch} needs a newer transformers")

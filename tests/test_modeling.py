@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from lite_srpo.config import LoraConfig, ModelConfig
-from lite_srpo.modeling import load_base, load_policy
-from lite_srpo.passes import rows_logprobs
-from lite_srpo.prompts import ResponseFormat
-from lite_srpo.rollout import collate, encode_prompt, generate, pad_token_id
-from lite_srpo.tasks import make_task
+from lite_srpo.data.prompts import ResponseFormat
+from lite_srpo.data.tasks import make_task
+from lite_srpo.model.policy import load_base, load_policy
+from lite_srpo.rl.passes import rows_logprobs
+from lite_srpo.rl.rollout import collate, encode_prompt, generate, pad_token_id
 
 FMT = ResponseFormat()
 
@@ -103,7 +103,7 @@ def test_generate_logprobs_equal_teacher_forced(tiny_qwen, samples):
     resp = out.sequences[:, plen:]
     gen_logp = torch.stack([torch.log_softmax(l.float(), -1).gather(-1, resp[:, t:t + 1])[:, 0]
                             for t, l in enumerate(out.logits)], dim=1)
-    from lite_srpo.rollout import RolloutBatch, eos_token_ids, response_mask_from_ids
+    from lite_srpo.rl.rollout import RolloutBatch, eos_token_ids, response_mask_from_ids
     mask, trunc = response_mask_from_ids(resp, eos_token_ids(policy))
     batch = RolloutBatch(prompts, [p for p in range(3) for _ in range(2)], resp, mask, [""] * 6, trunc)
     with torch.no_grad():

@@ -10,10 +10,10 @@ import dataclasses
 
 import pytest
 import torch
-
-from lite_srpo import train as train_mod
-from lite_srpo.algorithms import ALGORITHM_SPECS, old_pass_needed
 from test_accumulation import prepared, reset, trainable
+
+from lite_srpo.rl import train as train_mod
+from lite_srpo.rl.algorithms import ALGORITHM_SPECS, old_pass_needed
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo", "dr_grpo"])

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from lite_srpo import train as train_mod
 from lite_srpo.config import config_from_dict
-from lite_srpo.events import read_events
+from lite_srpo.rl import train as train_mod
+from lite_srpo.run.events import read_events
 
 
 def oom() -> torch.OutOfMemoryError:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lite_srpo.objectives import papo
+from lite_srpo.rl.objectives import papo
 
 F64 = torch.float64
 NAN = float("nan")

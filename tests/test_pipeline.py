@@ -9,14 +9,14 @@ import torch
 import yaml
 
 from conftest import tiny_recipe
-from lite_srpo import pipeline
 from lite_srpo.config import config_from_dict
-from lite_srpo.data import load_splits
-from lite_srpo.events import EventWriter, read_events
-from lite_srpo.modeling import PolicyModel, load_base
-from lite_srpo.passes import rows_logprobs
-from lite_srpo.prompts import ResponseFormat
-from lite_srpo.sft import sft_warmup, trace_batch
+from lite_srpo.data.prompts import ResponseFormat
+from lite_srpo.data.splits import load_splits
+from lite_srpo.model.policy import PolicyModel, load_base
+from lite_srpo.rl import pipeline
+from lite_srpo.rl.passes import rows_logprobs
+from lite_srpo.rl.sft import sft_warmup, trace_batch
+from lite_srpo.run.events import EventWriter, read_events
 
 
 def trace_nll(cfg, model_path, samples) -> float:
@@ -93,7 +93,7 @@ def test_interrupted_warmup_leaves_no_target_and_is_redone(tiny_qwen, tmp_path, 
 
 
 def test_compare_two_arms_one_step_writes_compare_json(tiny_qwen, tmp_path):
-    from lite_srpo.compare import run_compare
+    from lite_srpo.eval.compare import run_compare
 
     recipe = tiny_recipe(tiny_qwen, tmp_path / "warm", train__steps=1, train__save_every=1, data__n_test=2,
                          rollout__max_new_tokens=4, sft__steps=1, sft__batch_size=2)

@@ -12,8 +12,8 @@ from PIL import Image
 
 from lite_srpo.cli import main
 from lite_srpo.errors import LiteSrpoError
-from lite_srpo.events import EventWriter, read_events
-from lite_srpo.plot import auto_window, moving_average, panel_notes, series, write_curves
+from lite_srpo.run.events import EventWriter, read_events
+from lite_srpo.run.plot import auto_window, moving_average, panel_notes, series, write_curves
 
 C0, C1 = (31, 119, 180), (255, 127, 14)  # matplotlib's first two colours: run 1, run 2
 KL_OFF = "KL not computed: algorithm.beta = 0"
@@ -130,6 +130,6 @@ def test_missing_events_file_is_a_clear_error(tmp_path, capsys):
 
 
 def test_importing_lite_srpo_does_not_import_matplotlib():
-    code = "import sys, lite_srpo, lite_srpo.cli, lite_srpo.plot; print('matplotlib' in sys.modules)"
+    code = "import sys, lite_srpo, lite_srpo.cli, lite_srpo.run.plot; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

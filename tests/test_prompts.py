@@ -8,22 +8,12 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lite_srpo import prompts
+from lite_srpo.data import prompts
+from lite_srpo.data.prompts import (TEMPLATES, ResponseFormat, build_messages, build_user_text, char_roles,
+                                    count_format_violations, remove_perception_ids, render_reference_response,
+                                    template_is_structured, token_char_spans, token_roles)
+from lite_srpo.data.tasks.base import Sample
 from lite_srpo.errors import ConfigError
-from lite_srpo.prompts import (
-    TEMPLATES,
-    ResponseFormat,
-    build_messages,
-    build_user_text,
-    char_roles,
-    count_format_violations,
-    remove_perception_ids,
-    render_reference_response,
-    template_is_structured,
-    token_char_spans,
-    token_roles,
-)
-from lite_srpo.tasks.base import Sample
 
 FMT = ResponseFormat()
 CORPUS = [

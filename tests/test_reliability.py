@@ -17,13 +17,13 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import assert_same, tiny_recipe, tree_hash
-from lite_srpo import checkpoint as ckpt
-from lite_srpo import preflight
-from lite_srpo import train as train_mod
-from lite_srpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state, restore
 from lite_srpo.config import config_from_dict, load_config
 from lite_srpo.errors import ConfigError, LiteSrpoError
-from lite_srpo.events import read_events
+from lite_srpo.rl import train as train_mod
+from lite_srpo.run import checkpoint as ckpt
+from lite_srpo.run import preflight
+from lite_srpo.run.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state, restore
+from lite_srpo.run.events import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 VOLATILE = ("time/", "perf/", "mem/")  # wall-clock and memory metrics differ between runs by nature
@@ -33,7 +33,8 @@ VOLATILE = ("time/", "perf/", "mem/")  # wall-clock and memory metrics differ be
 # PAUSE_MARK, so the test can kill the process at an exact point of a save.
 CHILD = """
 import os, sys, time
-from lite_srpo import checkpoint, rewards
+from lite_srpo.run import checkpoint
+from lite_srpo.rewards import builtin as rewards
 from lite_srpo.cli import main
 
 rewards.REWARD_FUNCTIONS["test_length"] = lambda response, sample, fmt: len(response) / 50.0
@@ -126,8 +127,8 @@ def test_kill9_and_signals_then_resume_matches_an_uninterrupted_run(tiny_qwen, t
     step;  3. SIGTERM: finish the step, checkpoint, exit 0;  4. SIGINT then SIGTERM while a save is in
     progress: stop at once, previous checkpoint intact;  5. resume to the end.
     """
-    from lite_srpo.modeling import load_policy
-    from lite_srpo.optim import build_optimizer, build_scheduler
+    from lite_srpo.model.policy import load_policy
+    from lite_srpo.rl.optim import build_optimizer, build_scheduler
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -493,7 +494,8 @@ def test_train_refuses_to_start_without_room_for_checkpoints(tiny_qwen, tmp_path
 
 def test_cli_turns_an_immediate_stop_into_a_message_and_exit_130(tiny_qwen, tmp_path, monkeypatch, capsys):
     """Needs `except KeyboardInterrupt` in `cli.main` (lead's file): no traceback, exit 128 + SIGINT."""
-    from lite_srpo import cli, pipeline
+    from lite_srpo import cli
+    from lite_srpo.rl import pipeline
 
     recipe = tiny_recipe(tiny_qwen, tmp_path)
     recipe.pop("reward")
@@ -517,8 +519,8 @@ def test_cli_turns_an_immediate_stop_into_a_message_and_exit_130(tiny_qwen, tmp_
 
 
 def test_too_long_prompts_are_skipped_with_a_warning_and_never_cut(tiny_qwen, tmp_path, monkeypatch, caplog):
-    from lite_srpo.rollout import encode_prompt
-    from lite_srpo.tasks.base import Sample
+    from lite_srpo.data.tasks.base import Sample
+    from lite_srpo.rl.rollout import encode_prompt
 
     cfg = config_from_dict(tiny_recipe(tiny_qwen, tmp_path, train__steps=1, data__max_prompt_length=8))
     run = train_mod.setup(cfg)
@@ -530,7 +532,7 @@ def test_too_long_prompts_are_skipped_with_a_warning_and_never_cut(tiny_qwen, tm
 
     # The limit at the short prompt's length: it passes whole, the wordy one is skipped with a warning.
     cfg.data.max_prompt_length = short_enc.length
-    with caplog.at_level("WARNING", logger="lite_srpo.train"):
+    with caplog.at_level("WARNING", logger="lite_srpo.rl.train"):
         kept = train_mod.encode_prompts(run, [wordy, short])
     assert len(kept) == 1 and torch.equal(kept[0].input_ids, short_enc.input_ids)
     assert f"skipping wordy.jsonl:7: prompt is {wordy_enc.length} tokens" in caplog.text
@@ -545,7 +547,7 @@ def test_too_long_prompts_are_skipped_with_a_warning_and_never_cut(tiny_qwen, tm
     generated = []
     monkeypatch.setattr(train_mod, "generate", lambda *a, **k: generated.append(1))
     caplog.clear()
-    with caplog.at_level("WARNING", logger="lite_srpo.train"):
+    with caplog.at_level("WARNING", logger="lite_srpo.rl.train"):
         with pytest.raises(LiteSrpoError, match="data.max_prompt_length=8"):
             train_mod.train(cfg, run=run, quiet=True)
     assert not generated
@@ -560,7 +562,7 @@ def test_too_long_prompts_are_skipped_with_a_warning_and_never_cut(tiny_qwen, tm
 def test_trust_remote_code_is_off_unless_the_recipe_turns_it_on(tiny_qwen, tmp_path, monkeypatch):
     import transformers
 
-    from lite_srpo import modeling
+    from lite_srpo.model import policy as modeling
 
     seen = []
     real_config = transformers.AutoConfig.from_pretrained

@@ -8,17 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lite_srpo.data.prompts import ResponseFormat
+from lite_srpo.data.tasks.base import Sample
 from lite_srpo.errors import ConfigError
-from lite_srpo.prompts import ResponseFormat
-from lite_srpo.rewards import (
-    REWARD_FUNCTIONS,
-    accuracy_reward,
-    compute_rewards,
-    extract_answer,
-    format_reward,
-    is_equivalent,
-)
-from lite_srpo.tasks.base import Sample
+from lite_srpo.rewards.builtin import (REWARD_FUNCTIONS, accuracy_reward, compute_rewards, extract_answer,
+                                       format_reward, is_equivalent)
 
 CHOICES = ["3 apples", "7", "1/2", "blue"]
 GOOD = "<perception>two bars: 3 and 5</perception>\n<think>5 > 3</think>\n\\boxed{B}"

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from lite_srpo import rewards
-from lite_srpo.algorithms import ShapeInputs, shape_srpo
 from lite_srpo.config import config_from_dict
-from lite_srpo.events import read_events
-from lite_srpo.objectives.srpo import PERCEPTION, REASONING
-from lite_srpo.optim import lr_multiplier
-from lite_srpo.passes import run_passes
-from lite_srpo.rollout import encode_prompt, generate
-from lite_srpo.train import batch_roles, prompts_for_step, rl_step, setup, train
+from lite_srpo.rewards import builtin as rewards
+from lite_srpo.rl.algorithms import ShapeInputs, shape_srpo
+from lite_srpo.rl.objectives.srpo import PERCEPTION, REASONING
+from lite_srpo.rl.optim import lr_multiplier
+from lite_srpo.rl.passes import run_passes
+from lite_srpo.rl.rollout import encode_prompt, generate
+from lite_srpo.rl.train import batch_roles, prompts_for_step, rl_step, setup, train
+from lite_srpo.run.events import read_events
 
 LAM = 0.5
 
@@ -176,8 +176,8 @@ def test_a_step_with_no_group_kept_still_advances_the_schedule(warm_qwen, tmp_pa
 
 
 def test_filter_on_accuracy_drops_all_wrong_groups_that_differ_only_in_format():
-    from lite_srpo.objectives.grpo import dynamic_sampling_keep
-    from lite_srpo.train import filter_key
+    from lite_srpo.rl.objectives.grpo import dynamic_sampling_keep
+    from lite_srpo.rl.train import filter_key
 
     cfg = config_from_dict({"model": {"path": "m"}, "data": {"task": "count_shapes"}, "algorithm": {"name": "dapo"}})
     per_fn = {"accuracy": [0, 0, 0, 0, 1, 0, 1, 0], "format": [1, 0, 1, 1, 1, 1, 0, 1]}

@@ -8,8 +8,8 @@ from transformers import AutoTokenizer
 
 from conftest import tiny_recipe
 from lite_srpo.config import config_from_dict
-from lite_srpo.prompts import OTHER, PERCEPTION, REASONING, ResponseFormat, render_reference_response, token_roles
-from lite_srpo.rollout import RolloutBatch, response_mask_from_ids
+from lite_srpo.data.prompts import OTHER, PERCEPTION, REASONING, ResponseFormat, render_reference_response, token_roles
+from lite_srpo.rl.rollout import RolloutBatch, response_mask_from_ids
 
 EOS, EOS2, PAD = 2, 3, 0
 
@@ -103,7 +103,7 @@ def test_eos_token_gets_role_zero_and_content_roles_are_unchanged(tokenizer):
 def test_batch_roles_of_eos_terminated_rows_with_padding(tiny_qwen, tmp_path):
     """`train.batch_roles` on a batch whose rows end in EOS and are right-padded: each row's roles are
     those of its own ids through EOS, the EOS gets 0, and the padding after it stays 0."""
-    from lite_srpo import train as train_mod
+    from lite_srpo.rl import train as train_mod
 
     cfg = config_from_dict(tiny_recipe(tiny_qwen, tmp_path, train__steps=1))
     run = train_mod.setup(cfg)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from lite_srpo.config import LoraConfig, ModelConfig
-from lite_srpo.modeling import load_policy
-from lite_srpo.passes import rows_logprobs
-from lite_srpo.prompts import ResponseFormat
-from lite_srpo.rollout import encode_prompt, generate
-from lite_srpo.sampling import InverseCdfSampler, inverse_cdf_tokens
-from lite_srpo.tasks import make_task
+from lite_srpo.data.prompts import ResponseFormat
+from lite_srpo.data.tasks import make_task
+from lite_srpo.model.policy import load_policy
+from lite_srpo.rl.passes import rows_logprobs
+from lite_srpo.rl.rollout import encode_prompt, generate
+from lite_srpo.rl.sampling import InverseCdfSampler, inverse_cdf_tokens
 
 FMT = ResponseFormat()
 
@@ -44,8 +44,8 @@ def test_rollout_tokens_are_inverse_cdf_draws_of_the_teacher_forced_distribution
     assert len(sampler.uniforms) == batch.response_ids.shape[1]
     suppressed = policy.suppressed_token_ids()
     # teacher-forced log-probs of every vocabulary entry at every response position
-    from lite_srpo.passes import response_hidden
-    from lite_srpo.rollout import collate, pad_token_id
+    from lite_srpo.rl.passes import response_hidden
+    from lite_srpo.rl.rollout import collate, pad_token_id
 
     rows = [batch.prompts[p] for p in batch.prompt_of]
     inputs, plen = collate(rows, pad_token_id(policy), batch.response_ids, batch.response_mask, device=policy.device)

@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_same, tiny_recipe
-from lite_srpo import rewards
-from lite_srpo import train as train_mod
-from lite_srpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state, rng_state
 from lite_srpo.config import OptimConfig, config_from_dict
 from lite_srpo.errors import LiteSrpoError
-from lite_srpo.events import read_events
-from lite_srpo.optim import build_scheduler, lr_multiplier
+from lite_srpo.rewards import builtin as rewards
+from lite_srpo.rl import train as train_mod
+from lite_srpo.rl.optim import build_scheduler, lr_multiplier
+from lite_srpo.run.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state, rng_state
+from lite_srpo.run.events import read_events
 
 # ------------------------------------------------------------------------------------------ LR multiplier
 

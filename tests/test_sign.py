@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
-from lite_srpo import train as train_mod
-from lite_srpo.algorithms import ShapeInputs
 from lite_srpo.config import ALGORITHMS, config_from_dict
-from lite_srpo.passes import rows_logprobs, run_passes
-from lite_srpo.prompts import render_reference_response
-from lite_srpo.rollout import RolloutBatch, eos_token_ids, pad_token_id
+from lite_srpo.data.prompts import render_reference_response
+from lite_srpo.rl import train as train_mod
+from lite_srpo.rl.algorithms import ShapeInputs
+from lite_srpo.rl.passes import rows_logprobs, run_passes
+from lite_srpo.rl.rollout import RolloutBatch, eos_token_ids, pad_token_id
 
 # Sequence advantages of the four rows [prompt 0: +, -; prompt 1: +, -] (G = 2).
 ADV = torch.tensor([1.0, -1.0, 1.0, -1.0])

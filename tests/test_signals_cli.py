@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 
 from conftest import tiny_recipe, tree_hash
-from lite_srpo.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state
-from lite_srpo.events import read_events
+from lite_srpo.run.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state
+from lite_srpo.run.events import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 

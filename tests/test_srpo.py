@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lite_srpo.objectives import srpo
+from lite_srpo.rl.objectives import srpo
 
 F64 = torch.float64
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lite_srpo.streaming import token_logprobs, token_logprobs_and_entropy, two_pass_kl
+from lite_srpo.model.streaming import token_logprobs, token_logprobs_and_entropy, two_pass_kl
 
 N, T, H, V = 3, 5, 8, 37  # N*T = 15 rows
 CHUNKS = [1, 4, 7, 15, 1024]  # 4 and 7 do not divide 15; 1024 > N*T
@@ -196,7 +196,7 @@ _MEM_SCRIPT = r"""
 import re
 import torch
 torch.set_num_threads(2)
-from lite_srpo.streaming import token_logprobs
+from lite_srpo.model.streaming import token_logprobs
 
 V, H, CHUNK = 151_936, 64, 128
 g = torch.Generator().manual_seed(0)

@@ -7,9 +7,9 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
+from lite_srpo.data.tasks import TASKS, Sample, make_task
+from lite_srpo.data.tasks.procedural import COLOURS, COUNT_COLOURS, MAX_COUNT
 from lite_srpo.errors import ConfigError
-from lite_srpo.tasks import TASKS, Sample, make_task
-from lite_srpo.tasks.procedural import COLOURS, COUNT_COLOURS, MAX_COUNT
 
 NAMES = sorted(TASKS)
 

@@ -12,13 +12,8 @@ import torch
 from PIL import Image
 
 from lite_srpo.errors import ModelError
-from lite_srpo.processors import (
-    image_token_id,
-    load_processor,
-    model_family,
-    vision_token_ids,
-)
-from lite_srpo.tiny import available_archs, main, make_tiny
+from lite_srpo.model.processors import image_token_id, load_processor, model_family, vision_token_ids
+from lite_srpo.model.tiny import available_archs, main, make_tiny
 
 ARCHS = available_archs()
 QWEN_ARCHS = [a for a in ARCHS if a.startswith("qwen")]

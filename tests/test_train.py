@@ -10,10 +10,10 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
-from lite_srpo.checkpoint import checkpoint_dirs, latest_checkpoint
 from lite_srpo.config import ALGORITHMS, config_from_dict
-from lite_srpo.events import read_events
-from lite_srpo.train import train
+from lite_srpo.rl.train import train
+from lite_srpo.run.checkpoint import checkpoint_dirs, latest_checkpoint
+from lite_srpo.run.events import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ import yaml
 
 from lite_srpo.config import config_from_dict, load_recipe_dict
 from lite_srpo.errors import ConfigError
-from lite_srpo.events import EventWriter
+from lite_srpo.run.events import EventWriter
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

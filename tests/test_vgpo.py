@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lite_srpo.objectives import vgpo
-from lite_srpo.objectives.vgpo import _tail_gate
+from lite_srpo.rl.objectives import vgpo
+from lite_srpo.rl.objectives.vgpo import _tail_gate
 
 F64 = torch.float64
 R2 = math.sqrt(0.5)  # cos 45°

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from lite_srpo.config import LoraConfig, ModelConfig
-from lite_srpo.modeling import load_policy
-from lite_srpo.passes import corrupted_visuals, rows_logprobs, run_passes
-from lite_srpo.prompts import ResponseFormat
-from lite_srpo.rollout import encode_prompt, generate
-from lite_srpo.tasks import make_task
-from lite_srpo.vision_cache import KEY, VisionFeatureCache, supports_cache
+from lite_srpo.data.prompts import ResponseFormat
+from lite_srpo.data.tasks import make_task
+from lite_srpo.model.policy import load_policy
+from lite_srpo.model.vision_cache import KEY, VisionFeatureCache, supports_cache
+from lite_srpo.rl.passes import corrupted_visuals, rows_logprobs, run_passes
+from lite_srpo.rl.rollout import encode_prompt, generate
 
 FMT = ResponseFormat()
 CORRUPTION = {"kind": "patch", "per_response": True, "params": {"patch": 14, "prob": 0.6}}
@@ -57,7 +57,7 @@ def test_supported_for_qwen_with_a_frozen_tower_only(policy, tiny_qwen):
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_cached_logprobs_equal_uncached_in_every_pass(tiny_factory, arch):
-    from lite_srpo.tiny import available_archs
+    from lite_srpo.model.tiny import available_archs
 
     if arch not in available_archs():
         pytest.skip(f"{arch} needs a newer transformers")
@@ -95,7 +95,7 @@ def test_cached_logprobs_equal_uncached_in_every_pass(tiny_factory, arch):
 def test_the_tower_runs_once_per_image_per_step(policy):
     """SRPO's passes (old, reference, corrupted per response, perception removed) and the update forward:
     2 prompts x 1 image + 4 corrupted copies = 6 images encoded; without the cache, every pass re-encodes."""
-    from lite_srpo.prompts import token_roles
+    from lite_srpo.data.prompts import token_roles
 
     batch = rollout(policy, n_prompts=2, group=2)
     roles = torch.zeros_like(batch.response_ids)
@@ -128,7 +128,7 @@ def test_the_tower_runs_once_per_image_per_step(policy):
 
 
 def test_families_without_precomputed_features_keep_the_pixel_path(tiny_factory):
-    from lite_srpo.tiny import available_archs
+    from lite_srpo.model.tiny import available_archs
 
     if "idefics3" not in available_archs():
         pytest.skip("idefics3 needs a newer transformers")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lite_srpo.objectives import grpo, vppo
+from lite_srpo.rl.objectives import grpo, vppo
 
 F64 = torch.float64
 
