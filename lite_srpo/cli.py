@@ -130,7 +130,7 @@ command("export", "export a run/checkpoint: --mode adapter|merged --out DIR (see
 command("eval", "evaluate a model/run/checkpoint under a named protocol (see lite-srpo eval -h)")(
     lambda: _delegate("lite_srpo.eval.eval_cli", "eval_main"))
 command("plan", "predict a recipe's peak memory on a GPU before launch (see lite-srpo plan -h)")(
-    lambda: _delegate("lite_srpo.model.memory.plan", "plan_main"))
+    lambda: _delegate("lite_srpo.model.memory.report", "plan_main"))
 
 
 @command("ui", "start the Gradio UI on 127.0.0.1")

@@ -152,7 +152,7 @@ def test_gpu_7b_dry_run(in_process, tmp_path, monkeypatch):
 
 def test_gpu_7b_shapes_are_the_published_configs():
     from bench.gpu_7b import SHAPES
-    from lite_srpo.model.memory.plan import dims_from_config
+    from lite_srpo.model.dims import dims_from_config
 
     for shape, total in (("7b", 8.29e9), ("3b", 3.75e9)):
         s = SHAPES[shape]

@@ -5,7 +5,7 @@ import pytest
 
 from lite_srpo.model.chunking import (AUTO_MAX_CHUNK, AUTO_MIN_CHUNK, AUTO_WEIGHT_FRACTION, LOGITS_COPIES_GRAD,
                                       auto_logprob_chunk, resolved_logprob_chunk, weight_bytes)
-from lite_srpo.model.memory.plan import KNOWN_MODELS, dims_from_config
+from lite_srpo.model.dims import KNOWN_MODELS, dims_from_config
 
 # The CPU bench model (bench/common.py): Qwen2.5-VL architecture, 2 layers, H=256, real V=151,936.
 BENCH_TEXT = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -53,7 +53,8 @@ def test_trainer_and_planner_resolve_the_same_chunk(tiny_qwen, caplog):
     from conftest import tiny_recipe
     from lite_srpo.config import config_from_dict
     from lite_srpo.model.chunking import policy_logprob_chunk
-    from lite_srpo.model.memory.plan import format_plan, plan
+    from lite_srpo.model.memory.plan import plan
+    from lite_srpo.model.memory.report import format_plan
     from lite_srpo.model.policy import load_policy
 
     cfg = config_from_dict(tiny_recipe(tiny_qwen, "runs-unused", train__logprob_chunk="auto"))

@@ -8,8 +8,11 @@ import pytest
 
 from lite_srpo.config import config_from_dict, load_config
 from lite_srpo.errors import ConfigError, ModelError
-from lite_srpo.model.memory.plan import (GIB, KNOWN_MODELS, NF4_DQ_BYTES_PER_PARAM, dims_from_config, format_plan,
-                                         image_tokens, load_model_dims, parse_memory, plan, plan_main)
+from lite_srpo.model.chunking import NF4_DQ_BYTES_PER_PARAM
+from lite_srpo.model.dims import KNOWN_MODELS, dims_from_config, image_tokens, load_model_dims
+from lite_srpo.model.memory.plan import plan
+from lite_srpo.model.memory.report import format_plan, parse_memory, plan_main
+from lite_srpo.model.memory.terms import GIB
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE_7B = ROOT / "recipes" / "qwen2_5_vl_7b_srpo_24gb.yaml"

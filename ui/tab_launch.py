@@ -21,9 +21,10 @@ ERROR_CLASS = "ls-field-error"
 
 
 def memory_planner():
-    """`lite_srpo.model.memory.plan` (plan, format_plan) if this install has it; the panel is hidden otherwise."""
+    """`lite_srpo.model.memory` (plan, format_plan) if this install has it; the panel is hidden otherwise."""
     try:
-        from lite_srpo.model.memory.plan import format_plan, plan
+        from lite_srpo.model.memory.plan import plan
+        from lite_srpo.model.memory.report import format_plan
     except ImportError:
         return None
     return plan, format_plan
@@ -102,7 +103,7 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
         preview_btn = gr.Button("Preview", elem_id="preview-btn")
         start_btn = gr.Button("Start training", variant="primary", elem_id="start-btn")
     launch_msg = gr.Markdown(elem_id="launch-msg")
-    with gr.Accordion("Predicted peak memory before launch (lite_srpo.model.memory.plan)", open=False,
+    with gr.Accordion("Predicted peak memory before launch (lite_srpo.model.memory)", open=False,
                       visible=memory_planner() is not None):
         plan_md = gr.Markdown(elem_id="plan-md")
     command = gr.Code(label="Command that will run", language="shell", lines=1, interactive=False,

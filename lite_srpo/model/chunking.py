@@ -25,6 +25,8 @@ import logging
 import math
 from typing import Any
 
+from .dims import dims_from_config
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -76,8 +78,6 @@ def policy_logprob_chunk(cfg: Any, policy: Any) -> int:
     cached = getattr(policy, "_resolved_logprob_chunk", None)
     if cached is not None:
         return cached
-    from .memory.plan import dims_from_config
-
     dims = dims_from_config(policy.config.to_dict(), name=cfg.model.path)
     compute_bytes = 4 if policy.dtype.itemsize >= 4 else 2
     chunk = resolved_logprob_chunk(AUTO, dims, cfg.model.load_in_4bit, compute_bytes)
