@@ -126,7 +126,7 @@ def _delegate(module: str, function: str):
 
 DELEGATED = {"export", "eval", "plan"}
 command("export", "export a run/checkpoint: --mode adapter|merged --out DIR (see lite-srpo export -h)")(
-    lambda: _delegate("lite_srpo.model.export.export", "export_main"))
+    lambda: _delegate("lite_srpo.model.export.cli", "export_main"))
 command("eval", "evaluate a model/run/checkpoint under a named protocol (see lite-srpo eval -h)")(
     lambda: _delegate("lite_srpo.eval.eval_cli", "eval_main"))
 command("plan", "predict a recipe's peak memory on a GPU before launch (see lite-srpo plan -h)")(

@@ -12,7 +12,8 @@ from lite_srpo.data.prompts import ResponseFormat
 from lite_srpo.data.tasks import make_task, write_jsonl
 from lite_srpo.errors import ConfigError, DataError, LiteSrpoError
 from lite_srpo.eval.eval_cli import eval_main, format_table, summarize
-from lite_srpo.model.export.export import export_main, resolve_checkpoint
+from lite_srpo.model.export.cli import export_main
+from lite_srpo.model.export.source import resolve_checkpoint
 from lite_srpo.model.policy import load_policy
 from lite_srpo.rewards.builtin import extract_answer
 from lite_srpo.rl.rollout import encode_prompt, generate

@@ -14,8 +14,9 @@ from conftest import tiny_recipe
 from lite_srpo.config import config_from_dict, dump_yaml
 from lite_srpo.data.prompts import ResponseFormat
 from lite_srpo.errors import LiteSrpoError, ModelError
-from lite_srpo.model.export.export import (ExportError, compare_logits, export_main, probe_inputs, resolve_checkpoint,
-                                           within_tolerance)
+from lite_srpo.model.export.cli import export_main
+from lite_srpo.model.export.source import ExportError, resolve_checkpoint
+from lite_srpo.model.export.verify import compare_logits, probe_inputs, within_tolerance
 from lite_srpo.model.policy import load_policy
 from lite_srpo.model.processors import load_processor
 from lite_srpo.rewards import builtin as rewards

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_recipe
 from lite_srpo.config import config_from_dict
-from lite_srpo.model.export.export import export_main
+from lite_srpo.model.export.cli import export_main
 from lite_srpo.model.tiny import available_archs
 from lite_srpo.rl import passes as passes_mod
 from lite_srpo.rl import train as train_mod

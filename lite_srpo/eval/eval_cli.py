@@ -20,7 +20,7 @@ from ..data.prompts import TEMPLATES, ResponseFormat
 from ..data.tasks import TASKS, load_benchmark, make_task
 from ..data.tasks.base import Sample
 from ..errors import ConfigError, DataError, ModelError
-from ..model.export.export import EXPORT_INFO, load_run_config, resolve_base, resolve_checkpoint, say
+from ..model.export.source import EXPORT_INFO, load_run_config, resolve_base, resolve_checkpoint, say
 from ..model.policy import PolicyModel, load_base, load_policy, pick_device, resolve_dtype
 from ..rl.evaluate import Protocol, evaluate
 
