@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import LiteSrpoError
@@ -133,15 +134,25 @@ command("plan", "predict a recipe's peak memory on a GPU before launch (see lite
     lambda: _delegate("lite_srpo.model.memory.report", "plan_main"))
 
 
+def _ui_serve():
+    """`ui.serve`; from a source checkout whose `ui/` is not installed, the checkout goes on the path first."""
+    try:
+        from ui import serve
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("ui", "ui.serve"):
+            raise
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from ui import serve
+    return serve
+
+
 @command("ui", "start the Gradio UI on 127.0.0.1")
 def _ui():
     def add(p: argparse.ArgumentParser) -> None:
-        from .ui_launch import add_arguments
-
-        add_arguments(p)
+        _ui_serve().add_arguments(p)  # no Gradio import: every command builds this parser
 
     def run(a: argparse.Namespace) -> int:
-        from .ui_launch import run_from_args
+        from ui.app import run_from_args
 
         return run_from_args(a)
     return add, run

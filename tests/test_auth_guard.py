@@ -1,4 +1,4 @@
-"""The UI's auth guard is enforced, not only decided: the real Gradio app served by `ui_launch.launch`
+"""The UI's auth guard is enforced, not only decided: the real Gradio app served by `ui.app.launch`
 on 127.0.0.1 with a password refuses unauthenticated requests to its config and API and lets a login in;
 `LITE_SRPO_UI_AUTH` does the same; a public address without auth fails before the app is built."""
 from __future__ import annotations
@@ -8,10 +8,11 @@ import socket
 import httpx
 import pytest
 
-from lite_srpo import ui_launch
 from lite_srpo.errors import ConfigError
+from ui import app as ui_app
+from ui import serve
 
-ROOT_RECIPES = ui_launch.REPO_ROOT / "recipes"
+ROOT_RECIPES = serve.REPO_ROOT / "recipes"
 
 
 def free_port() -> int:
@@ -29,7 +30,7 @@ def served(tmp_path, monkeypatch):
 
     def serve(**kwargs):
         port = free_port()
-        demo = ui_launch.launch(port=port, block=False, runs_dir=tmp_path / "runs", recipes_dir=ROOT_RECIPES,
+        demo = ui_app.launch(port=port, block=False, runs_dir=tmp_path / "runs", recipes_dir=ROOT_RECIPES,
                                 **kwargs)
         apps.append(demo)
         return f"http://127.0.0.1:{port}"
@@ -62,7 +63,7 @@ def assert_login(url: str, user: str, password: str) -> None:
 
 
 def test_password_is_enforced_on_the_served_app(served, monkeypatch):
-    monkeypatch.delenv(ui_launch.AUTH_ENV, raising=False)
+    monkeypatch.delenv(serve.AUTH_ENV, raising=False)
     url = served(auth="alice:s3cret")
     assert_refused_without_login(url)
     assert_login(url, "alice", "s3cret")
@@ -70,7 +71,7 @@ def test_password_is_enforced_on_the_served_app(served, monkeypatch):
 
 def test_without_auth_on_localhost_the_app_is_open(served, monkeypatch):
     """The control for the tests above: the same requests succeed when no password is set."""
-    monkeypatch.delenv(ui_launch.AUTH_ENV, raising=False)
+    monkeypatch.delenv(serve.AUTH_ENV, raising=False)
     url = served()
     with httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
         assert client.get("/config").status_code == 200
@@ -78,7 +79,7 @@ def test_without_auth_on_localhost_the_app_is_open(served, monkeypatch):
 
 
 def test_auth_from_the_environment_allows_a_public_address_and_is_enforced(served, monkeypatch):
-    monkeypatch.setenv(ui_launch.AUTH_ENV, "bob:env-pass")
+    monkeypatch.setenv(serve.AUTH_ENV, "bob:env-pass")
     url = served(host="0.0.0.0")  # refused without auth; the environment variable provides it
     assert_refused_without_login(url)
     assert_login(url, "bob", "env-pass")
@@ -86,18 +87,18 @@ def test_auth_from_the_environment_allows_a_public_address_and_is_enforced(serve
 
 @pytest.mark.parametrize("host,share", [("0.0.0.0", False), ("192.168.1.10", False), ("127.0.0.1", True)])
 def test_refused_exposure_fails_before_the_app_is_built(monkeypatch, host, share):
-    monkeypatch.delenv(ui_launch.AUTH_ENV, raising=False)
-    app = ui_launch._app_module()
+    monkeypatch.delenv(serve.AUTH_ENV, raising=False)
+    app = ui_app
     built = []
     real_build = app.build_app
     monkeypatch.setattr(app, "build_app", lambda *a, **k: built.append(1) or real_build(*a, **k))
     with pytest.raises(ConfigError, match="refusing"):
-        ui_launch.launch(host=host, share=share, port=free_port(), block=False)
+        ui_app.launch(host=host, share=share, port=free_port(), block=False)
     assert not built
 
 
 def test_cli_refusal_is_one_line_and_exit_2(monkeypatch, capsys):
-    monkeypatch.delenv(ui_launch.AUTH_ENV, raising=False)
-    assert ui_launch.main(["--host", "0.0.0.0", "--port", str(free_port())]) == 2
+    monkeypatch.delenv(serve.AUTH_ENV, raising=False)
+    assert ui_app.main(["--host", "0.0.0.0", "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ui: refusing to listen on 0.0.0.0") and "Traceback" not in err

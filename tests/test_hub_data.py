@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from lite_srpo.config import DataConfig, config_from_dict
+from lite_srpo.config.hub_uri import HubRef, parse_hub_uri
 from lite_srpo.data import hub as hub_data
-from lite_srpo.data.hub import HubRef, dataset_samples, load_data_source, load_hub_table, parse_hub_uri
+from lite_srpo.data.hub import dataset_samples, load_data_source, load_hub_table
 from lite_srpo.data.splits import load_splits
 from lite_srpo.errors import ConfigError, DataError
 

@@ -243,3 +243,14 @@ def test_compute_rewards_rejects_unknown_names_and_mismatched_lengths():
         compute_rewards(["x", "y"], [_sample()], {"accuracy": 1.0}, ResponseFormat())
     with pytest.raises(ConfigError):
         compute_rewards(["x"], [_sample()], {"accuracy": 1.0}, ResponseFormat(), answer_fallback="bad")
+
+
+def test_the_builtins_are_registered_under_the_names_validation_knows():
+    """Validation (config layer) checks names against BUILTIN_REWARDS and the registry without importing the
+    rewards layer; importing it registers exactly those built-ins, as the same functions."""
+    from lite_srpo.config.user_rewards import BUILTIN_REWARDS, check_reward_name
+    from lite_srpo.rewards.builtin import BUILTINS
+
+    assert tuple(BUILTINS) == BUILTIN_REWARDS
+    assert REWARD_FUNCTIONS["accuracy"] is accuracy_reward and REWARD_FUNCTIONS["format"] is BUILTINS["format"]
+    assert check_reward_name("accuracy") is None and "unknown reward" in check_reward_name("accuracyy")

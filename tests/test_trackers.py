@@ -7,10 +7,11 @@ import pytest
 
 from conftest import tiny_recipe
 from lite_srpo.config import config_from_dict
+from lite_srpo.config.validate import tracker_problems
 from lite_srpo.errors import ConfigError
 from lite_srpo.rl.train import train
 from lite_srpo.run.events import read_events
-from lite_srpo.run.trackers import Trackers, numeric, tracker_problems
+from lite_srpo.run.trackers import Trackers, numeric
 
 USER_REWARD = "rw.py:brevity"
 

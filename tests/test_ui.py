@@ -363,7 +363,7 @@ def test_export_command_shape():
 
 
 def test_exposure_guard_needs_auth_off_localhost():
-    from lite_srpo.ui_launch import check_exposure, parse_auth
+    from ui.serve import check_exposure, parse_auth
 
     check_exposure("127.0.0.1", False, None)
     with pytest.raises(ConfigError, match="refusing to listen on 0.0.0.0"):
@@ -378,11 +378,12 @@ def test_exposure_guard_needs_auth_off_localhost():
 
 
 def test_launch_refuses_public_address_before_building(monkeypatch):
-    from lite_srpo import ui_launch
+    from ui import app as ui_app
+    from ui import serve
 
-    monkeypatch.delenv(ui_launch.AUTH_ENV, raising=False)
+    monkeypatch.delenv(serve.AUTH_ENV, raising=False)
     with pytest.raises(ConfigError):
-        ui_launch.launch(host="0.0.0.0", port=0, block=False)
+        ui_app.launch(host="0.0.0.0", port=0, block=False)
 
 
 def test_build_app_has_the_controls(tmp_path):

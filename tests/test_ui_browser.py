@@ -70,7 +70,7 @@ def app(tmp_path, tiny_qwen, monkeypatch):
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (make browser)")
     pytest.importorskip("playwright.sync_api")
-    from lite_srpo.ui_launch import launch
+    from ui.app import launch
 
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()

@@ -2,9 +2,10 @@
 127.0.0.1:7860 — and an address from the environment is refused without auth like one from a flag."""
 import pytest
 
-from lite_srpo import ui_launch
 from lite_srpo.errors import ConfigError
-from lite_srpo.ui_launch import check_exposure, resolve_address
+from ui import app as ui_app
+from ui import serve
+from ui.serve import check_exposure, resolve_address
 
 
 def test_address_precedence():
@@ -27,11 +28,11 @@ def test_environment_address_still_needs_auth(monkeypatch, capsys):
     with pytest.raises(ConfigError, match="refusing to listen on 0.0.0.0"):
         check_exposure(host, False, None)
     check_exposure(host, False, ("user", "pw"))  # with auth: allowed
-    monkeypatch.delenv(ui_launch.AUTH_ENV, raising=False)
+    monkeypatch.delenv(serve.AUTH_ENV, raising=False)
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
-    assert ui_launch.main([]) == 2  # the CLI path: refused before anything is served
+    assert ui_app.main([]) == 2  # the CLI path: refused before anything is served
     assert "refusing to listen on 0.0.0.0" in capsys.readouterr().err
     monkeypatch.setenv("GRADIO_SERVER_NAME", "127.0.0.1")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "nope")
-    assert ui_launch.main([]) == 2
+    assert ui_app.main([]) == 2
     assert "GRADIO_SERVER_PORT='nope'" in capsys.readouterr().err

@@ -78,11 +78,10 @@ CACHE = ModelCache()
 
 
 def structured_markdown(text: str, cfg: RunConfig) -> tuple[str, bool]:
-    from lite_srpo.data.prompts import parse_structure
+    from lite_srpo.data.prompts import parse_structure, response_format
     from lite_srpo.rewards.builtin import extract_answer
-    from lite_srpo.rl.train import response_format
 
-    fmt = response_format(cfg)
+    fmt = response_format(cfg.data)
     answer = extract_answer(text)
     s = parse_structure(text, fmt)
     parts = []
@@ -98,10 +97,9 @@ def structured_markdown(text: str, cfg: RunConfig) -> tuple[str, bool]:
 def ask(run_dir: str | Path, choice: str, image: Image.Image | None, question: str, max_new_tokens: int = 128,
         cache: ModelCache = CACHE) -> Answer:
     """Greedy answer of the chosen model to one question about one image."""
-    from lite_srpo.data.prompts import token_char_spans, token_roles
+    from lite_srpo.data.prompts import response_format, token_char_spans, token_roles
     from lite_srpo.data.tasks.base import Sample
     from lite_srpo.rl.rollout import encode_prompt, generate
-    from lite_srpo.rl.train import response_format
 
     if image is None:
         raise LiteSrpoError("upload an image first")
@@ -116,7 +114,7 @@ def ask(run_dir: str | Path, choice: str, image: Image.Image | None, question: s
     image = image.convert("RGB")
     if max(image.size) > MAX_SIDE:
         image.thumbnail((MAX_SIDE, MAX_SIDE))
-    fmt = response_format(cfg)
+    fmt = response_format(cfg.data)
     with cache.lock:
         policy = cache.get(cfg, adapter)
         prompt = encode_prompt(policy, Sample(images=[image], question=question.strip(), answer=""),

@@ -2,8 +2,9 @@
 
 A user function has the signature `fn(response: str, sample: Sample) -> float`. It is loaded and its
 signature checked while the recipe is validated (so a typo fails before any model loads), and loaded
-again inside each reward worker process (`reward_pool`), which is where it runs. This module stays free
-of torch and of the rest of the package so a worker starts quickly.
+again inside each reward worker process (`rewards/pool.py`), which is where it runs. This module stays free
+of torch and of the rest of the package so a worker starts quickly. It also holds the in-process registry
+of named reward functions (`REWARD_FUNCTIONS`), so that validation sees every name a recipe may use.
 """
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN_HINT = "a built-in reward (accuracy, format) or path/to/file.py:function or package.module:function"
+BUILTIN_REWARDS = ("accuracy", "format")
+"""The rewards `lite_srpo.rewards.builtin` defines; importing it registers them in REWARD_FUNCTIONS."""
+
+REWARD_FUNCTIONS: dict[str, Callable[..., float]] = {}
+"""In-process reward functions by name, `fn(response, sample, fmt) -> float`: the built-ins, and any a
+training script registers (`REWARD_FUNCTIONS["mine"] = fn`). The registry sits here, with the recipe, so
+that validation knows every usable name without importing the rewards layer."""
 
 
 class RewardLoadError(Exception):
@@ -122,12 +130,11 @@ def load_reward(ref: RewardRef) -> Callable[[str, Any], float]:
 
 def check_reward_name(name: str) -> str | None:
     """None when `name` is usable in `reward.weights`, else what is wrong (for config validation)."""
-    from ..rewards.builtin import REWARD_FUNCTIONS
-
-    if name in REWARD_FUNCTIONS:
+    known = dict.fromkeys([*BUILTIN_REWARDS, *REWARD_FUNCTIONS])
+    if name in known:
         return None
     if not is_custom_name(name):
-        return f"unknown reward — valid names: {', '.join(REWARD_FUNCTIONS)}, or path/to/file.py:function " \
+        return f"unknown reward — valid names: {', '.join(known)}, or path/to/file.py:function " \
                "or package.module:function"
     try:
         load_reward(parse_reward_ref(name))

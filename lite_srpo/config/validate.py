@@ -2,10 +2,28 @@
 'key: value — what is allowed', all of them together (`problems`), before any model loads."""
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from ..errors import ConfigError, LiteSrpoError
+from .hub_uri import is_hub_uri, parse_hub_uri
 from .schema import RunConfig
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # train.report_to name -> package to install
+
+
+def tracker_problems(names: list[str]) -> list[str]:
+    """Config errors for `train.report_to`: unknown names, duplicates, packages that are not installed."""
+    errs = []
+    for i, name in enumerate(names):
+        if name not in TRACKER_PACKAGES:
+            errs.append(f"train.report_to[{i}]: {name!r} is not one of {', '.join(TRACKER_PACKAGES)}")
+        elif names.index(name) != i:
+            errs.append(f"train.report_to[{i}]: {name!r} is listed twice")
+        elif importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            errs.append(f"train.report_to[{i}]: {name!r} needs the {TRACKER_PACKAGES[name]} package — "
+                        f"pip install {TRACKER_PACKAGES[name]}")
+    return errs
 
 
 def problems(cfg: RunConfig) -> list[str]:
@@ -72,7 +90,6 @@ def problems(cfg: RunConfig) -> list[str]:
     if cfg.algorithm.name == "srpo" and cfg.data.template != "structured":
         errs.append(f"data.template: {cfg.data.template!r} with algorithm.name 'srpo' — SRPO needs the 'structured' "
                     "template (<perception>…</perception><think>…</think>\\boxed{}) to find perception and reasoning tokens")
-    from ..run.trackers import tracker_problems
     from .user_rewards import check_reward_name
 
     for name, weight in cfg.reward.weights.items():
@@ -88,8 +105,6 @@ def problems(cfg: RunConfig) -> list[str]:
             errs.append(f"data.columns.{key}: unknown field — map image, question, answer or choices to a column")
         elif not isinstance(column, str) or not column:
             errs.append(f"data.columns.{key}: {column!r} should be a column name")
-    from ..data.hub import is_hub_uri, parse_hub_uri
-
     for key in ("train_file", "test_file"):
         if is_hub_uri(getattr(cfg.data, key)):
             try:

@@ -9,46 +9,18 @@ else the generic names. Images may be `datasets.Image` values, bytes, paths (rel
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config.hub_uri import is_hub_uri, parse_hub_uri
 from ..errors import DataError
 from .tasks.base import Sample
 from .tasks.benchmarks import MAPPERS, detect_benchmark
 from .tasks.images import DEFAULT_MAX_PIXELS
 from .tasks.loader import iter_rows, load_samples, make_sample, row_to_sample
 
-HUB_PREFIX = "hf://"
 _ALIASES = {"image": ("image", "images"), "question": ("question", "problem"), "answer": ("answer",)}
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_HUB = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(?::(?P<config>[^@:/\s]+))?(?:@(?P<split>[^@:/\s]+))?")
-
-
-@dataclass(frozen=True)
-class HubRef:
-    """A parsed `hf://` reference; `split` None means the caller's default (train / test)."""
-
-    repo: str
-    config: str | None = None
-    split: str | None = None
-
-
-def is_hub_uri(text: str) -> bool:
-    return text.startswith(HUB_PREFIX)
-
-
-def parse_hub_uri(text: str) -> HubRef:
-    """`hf://ORG/NAME[:CONFIG][@SPLIT]` → HubRef; anything else raises DataError saying the form."""
-    if not is_hub_uri(text):
-        raise DataError(f"{text!r}: a hub dataset is written hf://ORG/NAME[:CONFIG][@SPLIT]")
-    m = _HUB.fullmatch(text[len(HUB_PREFIX):])
-    if m is None:
-        raise DataError(f"{text!r}: expected hf://ORG/NAME[:CONFIG][@SPLIT] (e.g. hf://hiyouga/geometry3k@test, "
-                        "hf://AI4Math/MathVerse:testmini@testmini)")
-    return HubRef(m["repo"], m["config"], m["split"])
 
 
 def load_hub_table(path_or_id: str, config: str | None, split: str, cache_dir: str | None = None) -> Any:

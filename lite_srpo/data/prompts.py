@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..config import DataConfig
 from ..errors import ConfigError
 from .tasks.base import Sample
 
@@ -67,6 +68,11 @@ class ResponseFormat:
         """Tag names of the blocks this template requires, in order."""
         names = {"structured": [self.perception_tag, self.think_tag], "think": [self.think_tag], "plain": []}
         return names[self.template]
+
+
+def response_format(data: DataConfig) -> ResponseFormat:
+    """The response format the recipe's `data` section asks for: its template and tags."""
+    return ResponseFormat(perception_tag=data.perception_tag, think_tag=data.think_tag, template=data.template)
 
 
 def template_is_structured(name: str) -> bool:

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from ..config import RunConfig, load_config
+from ..data.prompts import response_format
 from ..data.splits import load_all_splits
 from ..data.tasks.base import Sample
 from ..model.policy import load_policy
 from ..model.tiny import make_tiny
 from ..rl.evaluate import Protocol, evaluate
 from ..rl.pipeline import ensure_warmup
-from ..rl.train import response_format, train, write_curves_quietly
+from ..rl.train import train, write_curves_quietly
 from ..run.events import read_events
 from .stats import paired_difference, with_ci
 
@@ -33,7 +34,7 @@ def protocol_key(p: Protocol) -> str:
 
 
 def held_out(policy, cfg: RunConfig, samples: list[Sample], protocol: Protocol = Protocol("greedy")) -> dict:
-    return evaluate(policy, samples, cfg.data.template, response_format(cfg), protocol=protocol,
+    return evaluate(policy, samples, cfg.data.template, response_format(cfg.data), protocol=protocol,
                     max_new_tokens=cfg.rollout.max_new_tokens, answer_fallback=cfg.reward.answer_fallback)
 
 

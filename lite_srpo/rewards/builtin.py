@@ -19,6 +19,7 @@ from dataclasses import replace
 from fractions import Fraction
 from typing import Callable
 
+from ..config.user_rewards import REWARD_FUNCTIONS
 from ..data.prompts import ResponseFormat, boxed_spans, parse_structure
 from ..data.tasks.base import Sample
 from ..errors import ConfigError
@@ -190,10 +191,9 @@ def format_reward(response: str, sample: Sample, fmt: ResponseFormat) -> float:
     return float(bool(boxes))
 
 
-REWARD_FUNCTIONS: dict[str, Callable[[str, Sample, ResponseFormat], float]] = {
-    "accuracy": accuracy_reward,
-    "format": format_reward,
-}
+BUILTINS: dict[str, Callable[[str, Sample, ResponseFormat], float]] = {"accuracy": accuracy_reward, "format": format_reward}
+# Register the built-ins in the recipe's registry (a function registered under the same name earlier wins).
+REWARD_FUNCTIONS.update({name: fn for name, fn in BUILTINS.items() if name not in REWARD_FUNCTIONS})
 
 
 def compute_rewards(responses: list[str], samples: list[Sample], weights: dict[str, float], fmt: ResponseFormat,

@@ -11,7 +11,8 @@ from ..data.splits import load_splits
 from ..run.distributed import init_from_env, report_failure, shutdown, sync
 from ..run.events import EventWriter
 from .sft import sft_warmup
-from .train import Run, train
+from .state import Run
+from .train import train
 
 WARMUP_DIR = "warmup_model"
 

@@ -4,7 +4,6 @@ the step's metrics. Pure or nearly so, so the loop itself reads top to bottom.""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,9 +14,7 @@ from ..data.tasks.base import Sample
 from ..errors import LiteSrpoError
 from .data_parallel import GlobalStep
 from .rollout import RolloutBatch, encode_prompt
-
-if TYPE_CHECKING:
-    from .train import Run
+from .state import Run
 
 log = logging.getLogger("lite_srpo.rl.train")
 

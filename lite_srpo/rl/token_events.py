@@ -1,19 +1,15 @@
 """Per-token records for the `tokens` event: each token's text, role, score, weight and advantage."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..data.prompts import token_char_spans
-
-if TYPE_CHECKING:
-    from .algorithms import Shaping
-    from .rollout import RolloutBatch
-    from .train import Run
+from .algorithms import Shaping
+from .rollout import RolloutBatch
+from .state import Run
 
 
-def pick_rows(batch: "RolloutBatch", count: int) -> list[int]:
+def pick_rows(batch: RolloutBatch, count: int) -> list[int]:
     """The first response of each of the first `count` prompts present in the batch."""
     rows, seen = [], set()
     for i, p in enumerate(batch.prompt_of):
@@ -29,7 +25,7 @@ def _value(t: torch.Tensor | None, i: int, j: int, default: float) -> float:
     return default if t is None else round(float(t[i, j]), 5)
 
 
-def token_event_records(run: "Run", batch: "RolloutBatch", rewards: list[float], shaping: "Shaping",
+def token_event_records(run: Run, batch: RolloutBatch, rewards: list[float], shaping: Shaping,
                         roles: torch.Tensor | None, step: int) -> list[dict]:
     tokenizer = run.policy.tokenizer
     image_dir = run.run_dir / "images"

@@ -10,74 +10,41 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import RunConfig, check_divisible, config_to_dict, dump_yaml
-from ..data.prompts import ResponseFormat
+from ..data.prompts import response_format
 from ..data.splits import load_splits
-from ..data.tasks.base import Sample
 from ..errors import LiteSrpoError
 from ..model.chunking import policy_logprob_chunk
-from ..model.policy import PolicyModel, load_policy
+from ..model.policy import load_policy
 from ..rewards.runner import Rewarder
 from ..run import checkpoint as ckpt
 from ..run.distributed import SINGLE, DistContext, RankFailure, gather_objects, report_failure, sync
 from ..run.events import EventWriter, NullEvents
+from ..run.plot import write_curves
 from ..run.preflight import check_disk_space, check_output_dir, checkpoint_bytes
 from ..run.progress import Progress
 from ..run.runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, restore_before_step, sampling_seed,
                            seed_everything, state_before_step)
-from ..run.trackers import Trackers, open_trackers
-from .algorithms import ALGORITHM_SPECS, AlgorithmSpec, ShapeInputs, Shaping, old_pass_needed
+from ..run.trackers import open_trackers
+from .algorithms import ALGORITHM_SPECS, ShapeInputs, Shaping, old_pass_needed
 from .data_parallel import (StepShare, exchange, local_rows, merge_stats, pad_batch, passes_share, rank_share,
                             reduce_gradients)
+from .evaluate import evaluate
 from .objectives import grpo
 from .optim import build_optimizer, build_scheduler
 from .passes import rows_logprobs, run_passes
 from .rollout import RolloutBatch, generate, pad_token_id
+from .state import Run
 from .step_parts import (batch_roles, corruption_params, encode_prompts, filter_key, prompts_for_step, step_metrics,
                          subset)
 from .token_events import token_event_records
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Run:
-    """Everything a step needs; built once by `setup`."""
-
-    cfg: RunConfig
-    policy: PolicyModel
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_set: list[Sample]
-    test_set: list[Sample]
-    fmt: ResponseFormat
-    spec: AlgorithmSpec
-    events: EventWriter
-    start_step: int = 0
-    micro_batch: int = 0
-    generation_batch: int = 0
-    nonfinite_streak: int = 0
-    last_metrics: dict = field(default_factory=dict)
-    rewarder: Rewarder | None = None
-    """Scores responses (user rewards in worker processes); built by `setup`, closed by `train`."""
-    trackers: Trackers = field(default_factory=lambda: Trackers([]))
-    dist: DistContext = SINGLE
-    """This process's rank in a data-parallel job (one process: rank 0 of 1)."""
-
-    @property
-    def run_dir(self) -> Path:
-        return self.cfg.run_dir
-
-
-def response_format(cfg: RunConfig) -> ResponseFormat:
-    return ResponseFormat(perception_tag=cfg.data.perception_tag, think_tag=cfg.data.think_tag,
-                          template=cfg.data.template)
 
 
 def clear_run(run_dir: Path) -> None:
@@ -119,7 +86,7 @@ def setup(cfg: RunConfig, resume: bool = False, overwrite: bool = False, ctx: Di
     if ctx.is_main:
         check_disk_space(run_dir, checkpoint_bytes(n_trainable, optimizer), cfg.train.keep_last)
     run = Run(cfg=cfg, policy=policy, optimizer=optimizer, scheduler=scheduler, train_set=train_set,
-              test_set=test_set, fmt=response_format(cfg), spec=ALGORITHM_SPECS[cfg.algorithm.name], events=events,
+              test_set=test_set, fmt=response_format(cfg.data), spec=ALGORITHM_SPECS[cfg.algorithm.name], events=events,
               micro_batch=cfg.train.micro_batch_size, generation_batch=cfg.rollout.generation_batch_size, dist=ctx)
     if ctx.is_main:
         (run_dir / "recipe.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
@@ -453,8 +420,6 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
 def write_curves_quietly(run_dir: Path) -> Path | None:
     """runs/<name>/curves.png at the end of a run; a picture that cannot be drawn never fails the run."""
     try:
-        from ..run.plot import write_curves
-
         return write_curves([run_dir])
     except Exception as exc:  # noqa: BLE001 - e.g. matplotlib missing; the numbers are in events.jsonl
         log.warning("could not draw %s/curves.png: %s", run_dir, exc)
@@ -462,8 +427,6 @@ def write_curves_quietly(run_dir: Path) -> Path | None:
 
 
 def periodic_eval(run: Run, step: int) -> dict:
-    from .evaluate import evaluate
-
     result = evaluate(run.policy, run.test_set[:run.cfg.train.eval_samples], run.cfg.data.template, run.fmt,
                       max_new_tokens=run.cfg.rollout.max_new_tokens, answer_fallback=run.cfg.reward.answer_fallback)
     run.events.write("eval", step, **{k: v for k, v in result.items() if k != "item_accuracy"})

@@ -9,30 +9,14 @@ overwritten run has no duplicate points); wandb writes under `<run>/wandb` and h
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import RunConfig, config_to_dict, dump_yaml
+from ..config.validate import tracker_problems
 from ..errors import ConfigError
-
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-def tracker_problems(names: list[str]) -> list[str]:
-    """Config errors for `train.report_to`: unknown names, duplicates, packages that are not installed."""
-    errs = []
-    for i, name in enumerate(names):
-        if name not in PACKAGES:
-            errs.append(f"train.report_to[{i}]: {name!r} is not one of {', '.join(PACKAGES)}")
-        elif names.index(name) != i:
-            errs.append(f"train.report_to[{i}]: {name!r} is listed twice")
-        elif importlib.util.find_spec(PACKAGES[name]) is None:
-            errs.append(f"train.report_to[{i}]: {name!r} needs the {PACKAGES[name]} package — "
-                        f"pip install {PACKAGES[name]}")
-    return errs
 
 
 def numeric(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ...config import ModelConfig
-from ...data.prompts import ResponseFormat
+from ...data.prompts import ResponseFormat, response_format
 from .source import CheckpointSource
 
 QUANTIZED_SUBDIR = "4bit"
@@ -37,8 +37,7 @@ class ExportPlan:
 
     @property
     def fmt(self) -> ResponseFormat:
-        d = self.source.cfg.data
-        return ResponseFormat(perception_tag=d.perception_tag, think_tag=d.think_tag, template=d.template)
+        return response_format(self.source.cfg.data)
 
 
 def export_dtype(recipe_dtype: str, requested: str = "auto") -> torch.dtype:

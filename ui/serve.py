@@ -1,24 +1,25 @@
-"""Serve the Gradio UI (`lite-srpo ui`, `python ui/app.py`) — on 127.0.0.1 unless a password protects it.
+"""Where and how the UI may listen: on 127.0.0.1 unless a password protects it (`lite-srpo ui`, `python ui/app.py`).
 
 Listening on another address, or a public share link, is refused without auth: the UI starts
 processes and reads files on this machine. Auth comes from `auth=` ("user:password" or a tuple) or,
 to keep the password out of the process list, the LITE_SRPO_UI_AUTH environment variable. The address is
 --host/--port, else GRADIO_SERVER_NAME/GRADIO_SERVER_PORT (as in Docker images and Spaces), else 127.0.0.1:7860.
+This module imports no Gradio, so the CLI can offer `lite-srpo ui`'s arguments without loading it; `app.launch`
+serves the page.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from .errors import ConfigError
+from lite_srpo.errors import ConfigError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 AUTH_ENV = "LITE_SRPO_UI_AUTH"
 HOST_ENV, PORT_ENV = "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"  # Gradio's own variables (Docker, Spaces)
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout: its recipes/ are the default
 
 
 def parse_auth(auth: str | tuple[str, str] | None) -> tuple[str, str] | None:
@@ -67,37 +68,10 @@ def check_exposure(host: str, share: bool, auth: tuple[str, str] | None) -> None
                           "or keep the default 127.0.0.1)")
 
 
-def _resolve_dir(path: str | Path, bundled: str) -> Path:
+def resolve_dir(path: str | Path, bundled: str) -> Path:
     """A relative recipes dir that does not exist here falls back to the repository's own."""
     p = Path(path)
     return p if p.is_dir() or p.is_absolute() else (REPO_ROOT / bundled if (REPO_ROOT / bundled).is_dir() else p)
-
-
-def _app_module():
-    try:
-        import ui.app as app
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("ui", "ui.app"):
-            raise
-        sys.path.insert(0, str(REPO_ROOT))
-        import ui.app as app
-    return app
-
-
-def launch(host: str | None = None, port: int | None = None, share: bool = False,
-           auth: str | tuple[str, str] | None = None, runs_dir: str | Path = "runs",
-           recipes_dir: str | Path = "recipes", block: bool = True):
-    """Build and serve the app; returns the Blocks (already closed again if `block`)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    credentials = parse_auth(auth if auth is not None else os.environ.get(AUTH_ENV))
-    host, port = resolve_address(host, port)
-    check_exposure(host, share, credentials)
-    app = _app_module()
-    demo = app.build_app(runs_dir=runs_dir, recipes_dir=_resolve_dir(recipes_dir, "recipes"))
-    demo.queue(default_concurrency_limit=2)
-    demo.launch(server_name=host, server_port=port, share=share, auth=credentials, prevent_thread_lock=not block,
-                css=app.CSS, ssr_mode=False, show_error=True, footer_links=[], quiet=not block)
-    return demo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,18 +82,3 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth", default=None, help=f"user:password (or set {AUTH_ENV})")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--recipes-dir", default="recipes")
-
-
-def run_from_args(a: argparse.Namespace) -> int:
-    launch(host=a.host, port=a.port, share=a.share, auth=a.auth, runs_dir=a.runs_dir, recipes_dir=a.recipes_dir)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lite-srpo ui", description="the lite-srpo web UI")
-    add_arguments(parser)
-    try:
-        return run_from_args(parser.parse_args(argv))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
