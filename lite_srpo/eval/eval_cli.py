@@ -17,6 +17,7 @@ import torch
 
 from ..config import LoraConfig, ModelConfig, RunConfig
 from ..data.prompts import TEMPLATES, ResponseFormat
+from ..data.splits import load_splits
 from ..data.tasks import TASKS, load_benchmark, make_task
 from ..data.tasks.base import Sample
 from ..errors import ConfigError, DataError, ModelError
@@ -229,32 +230,48 @@ def _check_args(a: argparse.Namespace) -> Protocol:
     return protocol
 
 
+def evaluate_source(source: str, data: list[str] | None = None, *, protocol: Protocol = Protocol("greedy"),
+                    benchmark: str = "auto", image_root: str | None = None, limit: int | None = None,
+                    n_task: int = 100, max_new_tokens: int | None = None, batch_size: int = 16,
+                    template: str | None = None, answer_fallback: str | None = None, base: str | None = None,
+                    load_in_4bit: bool | None = None, dtype: str = "auto", device: torch.device | None = None,
+                    seed: int = 0) -> tuple[dict, EvalModel]:
+    """Load `source` and evaluate it on `data` (default for a run: its held-out split) under `protocol`.
+
+    What is not given comes from the source's recipe when it has one (template, tags, max_new_tokens,
+    answer_fallback), else the command's defaults. Returns the results and the model they belong to."""
+    path = Path(source).expanduser()
+    if not data and not (path.is_dir() and (_looks_like_run(path) or (path / "recipe.yaml").is_file())):
+        raise ConfigError("--data is required for a model without a recipe (give a file or a task name)")
+    model = load_eval_model(source, base=base, load_in_4bit=load_in_4bit, dtype=dtype, device=device or pick_device())
+    cfg = model.cfg
+    if data:
+        datasets = load_eval_data(data, benchmark=benchmark, image_root=image_root, limit=limit, n_task=n_task,
+                                  seed=seed, image_size=cfg.data.image_size if cfg else 56)
+    else:
+        test = load_splits(cfg.data, seed=cfg.train.seed)[1][:limit]
+        datasets = [(f"held-out ({cfg.data.task or Path(cfg.data.test_file or cfg.data.train_file).stem})", test)]
+    d = cfg.data if cfg else None
+    template = template or (d.template if d else "structured")
+    tags = {"perception_tag": d.perception_tag, "think_tag": d.think_tag} if d else {}
+    fmt = ResponseFormat(template=template, **tags)
+    max_new = max_new_tokens or (cfg.rollout.max_new_tokens if cfg else 512)
+    fallback = answer_fallback or (cfg.reward.answer_fallback if cfg else "none")
+    result = run_eval(model, datasets, protocol=protocol, template=template, fmt=fmt, max_new_tokens=max_new,
+                      batch_size=batch_size, answer_fallback=fallback, seed=seed)
+    return result, model
+
+
 def eval_main(argv: list[str]) -> int:
     """`lite-srpo eval MODEL_OR_RUN_OR_CHECKPOINT --data ... --protocol greedy|avg@K ...`; raises LiteSrpoError."""
     a = build_parser().parse_args(argv)
     protocol = _check_args(a)
-    source = Path(a.source).expanduser()
-    if not a.data and not (source.is_dir() and (_looks_like_run(source) or (source / "recipe.yaml").is_file())):
-        raise ConfigError("--data is required for a model without a recipe (give a file or a task name)")
     device = pick_device() if a.device == "auto" else torch.device(a.device)
-    model = load_eval_model(a.source, base=a.base, load_in_4bit=a.load_in_4bit, dtype=a.dtype, device=device)
-    cfg = model.cfg
-    if a.data:
-        datasets = load_eval_data(a.data, benchmark=a.benchmark, image_root=a.image_root, limit=a.limit, n_task=a.n,
-                                  seed=a.seed, image_size=cfg.data.image_size if cfg else 56)
-    else:
-        from ..data.splits import load_splits
-
-        test = load_splits(cfg.data, seed=cfg.train.seed)[1][:a.limit]
-        datasets = [(f"held-out ({cfg.data.task or Path(cfg.data.test_file or cfg.data.train_file).stem})", test)]
-    d = cfg.data if cfg else None
-    template = a.template or (d.template if d else "structured")
-    tags = {"perception_tag": d.perception_tag, "think_tag": d.think_tag} if d else {}
-    fmt = ResponseFormat(template=template, **tags)
-    max_new = a.max_new_tokens or (cfg.rollout.max_new_tokens if cfg else 512)
-    fallback = a.answer_fallback or (cfg.reward.answer_fallback if cfg else "none")
-    result = run_eval(model, datasets, protocol=protocol, template=template, fmt=fmt, max_new_tokens=max_new,
-                      batch_size=a.batch_size, answer_fallback=fallback, seed=a.seed)
+    result, model = evaluate_source(a.source, a.data, protocol=protocol, benchmark=a.benchmark,
+                                    image_root=a.image_root, limit=a.limit, n_task=a.n,
+                                    max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, template=a.template,
+                                    answer_fallback=a.answer_fallback, base=a.base, load_in_4bit=a.load_in_4bit,
+                                    dtype=a.dtype, device=device, seed=a.seed)
     say(format_table(result))
     out = Path(a.out) if a.out else None
     if out is None and model.run_dir is not None:
@@ -266,4 +283,3 @@ def eval_main(argv: list[str]) -> int:
     else:
         say("(pass --out FILE to save these results as JSON)")
     return 0
-

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import torch
 
 from .export import export
-from .plan import DEFAULT_TOLERANCE, DTYPES, ExportPlan, dtype_name, export_dtype
-from .source import ExportError, resolve_base, resolve_checkpoint, say
+from .plan import DTYPES, dtype_name, make_plan
+from .source import say
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,23 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str]) -> int:
     """`lite-srpo export RUN_OR_CHECKPOINT --mode adapter|merged --out DIR [...]`; raises LiteSrpoError."""
-    from ..policy import pick_device
-
     args = build_parser().parse_args(argv)
-    if args.quantize and args.mode != "merged":
-        raise ExportError("--quantize 4bit needs --mode merged (it quantizes the merged model)")
-    if args.tolerance is not None and not args.tolerance >= 0:
-        raise ExportError(f"--tolerance {args.tolerance}: needs a number >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ExportError("--device cuda: no CUDA device is available")
-    source = resolve_checkpoint(args.source)
-    dtype = export_dtype(source.cfg.model.dtype, args.dtype)
-    device = pick_device() if args.device == "auto" else torch.device(args.device)
-    plan = ExportPlan(source=source, out=Path(args.out).expanduser(), mode=args.mode,
-                      base=resolve_base(source.cfg.model.path, source.run_dir, args.base), dtype=dtype, device=device,
-                      tolerance=DEFAULT_TOLERANCE[dtype] if args.tolerance is None else args.tolerance,
-                      quantize=args.quantize, force=args.force, max_shard_size=args.max_shard_size)
-    say(f"[export] {source.checkpoint} (step {source.step}) → {plan.out} "
-        f"[{plan.mode}, {dtype_name(dtype)}, {device}]")
+    plan = make_plan(args.source, args.out, mode=args.mode, quantize=args.quantize, tolerance=args.tolerance,
+                     dtype=args.dtype, base=args.base, device=args.device, force=args.force,
+                     max_shard_size=args.max_shard_size)
+    say(f"[export] {plan.source.checkpoint} (step {plan.source.step}) → {plan.out} "
+        f"[{plan.mode}, {dtype_name(plan.dtype)}, {plan.device}]")
     export(plan)
     return 0
