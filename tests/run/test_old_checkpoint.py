@@ -18,7 +18,7 @@ from conftest import assert_same
 from lite_srpo.rl import train as train_mod
 from lite_srpo.run import checkpoint as ckpt
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "old_layout_run"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "old_layout_run"
 CHECKPOINT = "checkpoints/step_000002"
 PLACEHOLDER = "TINY_MODEL_PATH"
 

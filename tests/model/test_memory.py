@@ -14,7 +14,7 @@ from lite_srpo.model.memory.plan import plan
 from lite_srpo.model.memory.report import format_plan, parse_memory, plan_main
 from lite_srpo.model.memory.terms import GIB
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE_7B = ROOT / "recipes" / "qwen2_5_vl_7b_srpo_24gb.yaml"
 
 

@@ -1,6 +1,6 @@
 """`lite-srpo train` for the data-parallel tests, with one fault injected on one rank (torchrun runs this).
 
-    torchrun --nproc-per-node 2 tests/dist_worker.py RECIPE [overrides] [--resume]
+    torchrun --nproc-per-node 2 tests/rl/dist_worker.py RECIPE [overrides] [--resume]
 
 `LITE_SRPO_TEST_FAULT` picks the fault (no GPU here, so a CUDA out-of-memory error cannot really happen):
 - `raise:RANK:STEP`  rank RANK raises a RuntimeError at the start of step STEP;

@@ -10,7 +10,7 @@ from lite_srpo.config import ALGORITHMS, RunConfig, config_from_dict, dump_yaml,
 from lite_srpo.errors import ConfigError
 
 BASE = {"model": {"path": "some/model"}, "data": {"task": "count_shapes"}}
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 
 def cfg(**sections):

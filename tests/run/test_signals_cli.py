@@ -15,7 +15,7 @@ from conftest import tiny_recipe, tree_hash
 from lite_srpo.run.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state
 from lite_srpo.run.events import read_events
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 

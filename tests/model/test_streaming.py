@@ -236,7 +236,7 @@ print(extra_bytes(streamed(512)), extra_bytes(streamed(2048)), extra_bytes(full(
 def test_peak_memory_is_bounded_by_chunk_not_length():
     """Forward + backward at V = 151,936, chunk 128, measured in a fresh process."""
     out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert out.returncode == 0, out.stderr
     short, long, control = (int(v) for v in out.stdout.split()[-3:])
     gib = 1024 ** 3

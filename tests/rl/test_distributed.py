@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import tiny_recipe
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 
 

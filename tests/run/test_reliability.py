@@ -25,7 +25,7 @@ from lite_srpo.run import preflight
 from lite_srpo.run.checkpoint import checkpoint_dirs, latest_checkpoint, load_trainer_state, restore
 from lite_srpo.run.events import read_events
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = ("time/", "perf/", "mem/")  # wall-clock and memory metrics differ between runs by nature
 
 # The training CLI, plus the test reward (the same function conftest registers in-process) and an

@@ -16,7 +16,7 @@ from lite_srpo.config import config_from_dict, load_recipe_dict
 from lite_srpo.errors import ConfigError
 from lite_srpo.run.events import EventWriter
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from ui import control, form, monitor, process, runs, tokens  # noqa: E402

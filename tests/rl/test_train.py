@@ -15,7 +15,7 @@ from lite_srpo.rl.train import train
 from lite_srpo.run.checkpoint import checkpoint_dirs, latest_checkpoint
 from lite_srpo.run.events import read_events
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def adapter_of(ckpt: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Opt-in GPU checks (`pytest -m gpu tests/test_gpu.py`): the planner and the streamed logits on CUDA.
+"""Opt-in GPU checks (`pytest -m gpu tests/model/test_gpu.py`): the planner and the streamed logits on CUDA.
 
 Deselected by default (pyproject: `-m 'not gpu'`); each test also skips with a reason when CUDA or
 bitsandbytes is missing, so `-m gpu` on a CPU machine reports skips, not failures.
