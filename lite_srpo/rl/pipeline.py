@@ -8,13 +8,12 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..data.splits import load_splits
+from ..run.checkpoint import WARMUP_DIR
 from ..run.distributed import init_from_env, report_failure, shutdown, sync
 from ..run.events import EventWriter
 from .sft import sft_warmup
 from .state import Run
 from .train import train
-
-WARMUP_DIR = "warmup_model"
 
 
 def ensure_warmup(cfg: RunConfig) -> RunConfig:

@@ -27,6 +27,7 @@ ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
+WARMUP_DIR = "warmup_model"  # in the run directory: the SFT warm-up's model, RL starts from it
 STEP_KEY, OPTIMIZER_KEY, SCHEDULER_KEY, RNG_KEY, EXTRA_KEY = "step", "optimizer", "scheduler", "rng", "extra"
 
 # `step_000012`, or `.old-step_000012-<pid>`: the previous copy of a step being re-saved (see `_publish`).

@@ -11,11 +11,10 @@ import torch
 
 from ...config import RunConfig, config_from_dict, load_recipe_dict
 from ...errors import LiteSrpoError, ModelError
-from ...run.checkpoint import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, STATE_FILE, latest_checkpoint
+from ...run.checkpoint import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, STATE_FILE, WARMUP_DIR, latest_checkpoint
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 EXPORT_INFO = "export.json"
-WARMUP_DIR = "warmup_model"
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
