@@ -43,7 +43,7 @@ def build_bench_model(out_dir: str | Path | None = None, *, vocab: int = REAL_VO
                       max_pixels: int = 448 * 448, seed: int = 0) -> Path:
     """A random Qwen2.5-VL with a few small layers but a real vocabulary, saved like a hub checkpoint.
 
-    The tokenizer and processor come from `lite_srpo.tiny` (vocabulary 1,024); sampled ids above that
+    The tokenizer and processor come from `lite_srpo.model.tiny` (vocabulary 1,024); sampled ids above that
     decode to nothing, which is fine for memory and speed measurements. Cached: a directory built with
     the same dimensions is reused.
     """
@@ -67,7 +67,7 @@ def build_model(out_dir: str | Path, text: dict, vision: dict | None = None, *, 
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
-    from lite_srpo.tiny import make_tiny
+    from lite_srpo.model.tiny import make_tiny
 
     spec = {"text": text, "vision": vision, "tie": tie, "max_pixels": max_pixels, "min_pixels": min_pixels,
             "seed": seed, "dtype": dtype}
@@ -320,7 +320,7 @@ def apply_cap(job: dict) -> None:
 
 def prompt_length(processor, sample, template: str = "structured") -> int:
     """Tokens of a sample's chat-templated prompt, image tokens included (as lite-srpo encodes it)."""
-    from lite_srpo.prompts import ResponseFormat, build_messages
+    from lite_srpo.data.prompts import ResponseFormat, build_messages
 
     messages = build_messages(sample, template, ResponseFormat(template=template))
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -331,7 +331,7 @@ def bench_samples(processor, n: int, image_size: int, prompt_tokens: int | None 
     """count_shapes samples; with `prompt_tokens`, each question is padded with filler text to that length."""
     import dataclasses
 
-    from lite_srpo.tasks import make_task
+    from lite_srpo.data.tasks import make_task
 
     samples = make_task("count_shapes", "train", n, seed, image_size=image_size)
     if not prompt_tokens:
@@ -382,8 +382,8 @@ def lite_step_job(job: dict) -> dict:
     import tempfile
 
     set_threads(job)
-    from lite_srpo import train as T
     from lite_srpo.config import config_from_dict
+    from lite_srpo.rl import train as T
 
     apply_cap(job)
     with tempfile.TemporaryDirectory(prefix="lite-srpo-bench-") as tmp:
@@ -397,7 +397,7 @@ def lite_step_job(job: dict) -> dict:
         gc.collect()
         prompt_len = max(p.length for p in T.encode_prompts(run, T.prompts_for_step(
             run.train_set, 1, cfg.rollout.prompts_per_step, cfg.train.seed)))
-        from lite_srpo.chunking import policy_logprob_chunk
+        from lite_srpo.model.chunking import policy_logprob_chunk
 
         out = {"job": job, "setup_s": setup_s, "prompt_tokens": prompt_len, "peak_setup": peak_gib(),
                "logprob_chunk": policy_logprob_chunk(cfg, run.policy)}
@@ -422,7 +422,7 @@ def lite_step_job(job: dict) -> dict:
 def phase_peaks(train_module, into: dict):
     """Record the peak of each phase of `rl_step` (generation, passes, update) separately.
 
-    Wraps the three functions `rl_step` calls by name in `lite_srpo.train`; the high-water mark is
+    Wraps the three functions `rl_step` calls by name in `lite_srpo.rl.train`; the high-water mark is
     reset before each, so `into[phase]` is that phase's own peak (memory held from earlier included).
     """
     names = {"generate": "generation", "run_passes": "passes", "policy_update": "update"}

@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 from lite_srpo.config import load_config
-from lite_srpo.data import load_all_splits
-from lite_srpo.events import read_events
-from lite_srpo.demo import DEMO_RECIPE, both_protocols, ensure_model, srpo_role_weights
-from lite_srpo.modeling import load_policy
-from lite_srpo.pipeline import ensure_warmup
-from lite_srpo.stats import paired_difference
-from lite_srpo.train import train
+from lite_srpo.data.splits import load_all_splits
+from lite_srpo.eval.demo import DEMO_RECIPE, both_protocols, ensure_model, srpo_role_weights
+from lite_srpo.eval.stats import paired_difference
+from lite_srpo.model.policy import load_policy
+from lite_srpo.rl.pipeline import ensure_warmup
+from lite_srpo.rl.train import train
+from lite_srpo.run.events import read_events
 
 OUT = Path(__file__).resolve().parent / "results" / "demo_tuning.jsonl"
 

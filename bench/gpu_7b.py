@@ -103,9 +103,9 @@ def probe_job(job: dict) -> dict:
 
     set_threads(job)
     apply_cap(job)
-    from lite_srpo import train as T
     from lite_srpo.config import config_from_dict
-    from lite_srpo.rollout import RolloutBatch
+    from lite_srpo.rl import train as T
+    from lite_srpo.rl.rollout import RolloutBatch
 
     results = []
     with tempfile.TemporaryDirectory(prefix="lite-srpo-probe-") as tmp:
@@ -178,7 +178,7 @@ def _planned(job: dict, prompt_tokens: int, device: str) -> dict:
     import tempfile
 
     from lite_srpo.config import config_from_dict
-    from lite_srpo.memory import plan
+    from lite_srpo.model.memory.plan import plan
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_dict(step_recipe(job, tmp))

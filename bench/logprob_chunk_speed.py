@@ -19,7 +19,7 @@ def measure(chunk: int, vocab: int, hidden: int, rows: int, length: int, seed: i
     """One no-grad pass and one forward + backward over [rows, length] tokens at this chunk size."""
     import torch
 
-    from lite_srpo.streaming import token_logprobs
+    from lite_srpo.model.streaming import token_logprobs
 
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(vocab, hidden, generator=g) * 0.02

@@ -36,11 +36,11 @@ def plan_for(job: dict, prompt_tokens: int) -> dict:
     """The planner's prediction for the same step (CPU RSS or CUDA allocated)."""
     import tempfile
 
+    import torch
+
     from bench.common import step_recipe
     from lite_srpo.config import config_from_dict
-    from lite_srpo.memory import plan
-
-    import torch
+    from lite_srpo.model.memory.plan import plan
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_dict(step_recipe(job, tmp))
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         a.lengths, a.groups, a.base_length, a.vocab, a.hidden = [8, 16], [2, 4], 8, 4096, 64
     model = a.model_dir or str(build_bench_model(vocab=a.vocab, hidden=a.hidden, intermediate=4 * a.hidden,
                                                  layers=a.layers))
-    from lite_srpo.memory import load_model_dims
+    from lite_srpo.model.dims import load_model_dims
 
     dims = load_model_dims(model)  # the model actually measured (--model-dir may differ from the flags)
     a.vocab, a.hidden, a.layers = dims.vocab, dims.hidden, dims.layers

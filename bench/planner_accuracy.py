@@ -47,7 +47,7 @@ QUICK = [
 
 def predict(job: dict, prompt_tokens: int, device: str) -> dict:
     from lite_srpo.config import config_from_dict
-    from lite_srpo.memory import plan
+    from lite_srpo.model.memory.plan import plan
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_dict(step_recipe(job, tmp))

@@ -1,7 +1,7 @@
 """Where one rollout's time goes: prefill vs decode, the model forward vs generate's own per-step work,
 the lm_head over the full vocabulary, 4-bit linears, the vision tower, sampling.
 
-Runs `lite_srpo.rollout.generate` (HF generate, as a training step does) on the bench model with
+Runs `lite_srpo.rl.rollout.generate` (HF generate, as a training step does) on the bench model with
 `min_new_tokens = R` (every response full length, as bench/vs_trl.py), G responses for one prompt, one
 torch thread. Timings come from forward hooks on the real modules (wall clock, CPU); a second, shorter
 rollout runs under `torch.profiler` for the op-level table. Writes bench/results/<name>.json.
@@ -55,10 +55,10 @@ def load(model_path: str, group: int, length: int):
     import tempfile
 
     from lite_srpo.config import config_from_dict
-    from lite_srpo.modeling import load_policy
-    from lite_srpo.prompts import ResponseFormat
-    from lite_srpo.rollout import encode_prompt
-    from lite_srpo.tasks import make_task
+    from lite_srpo.data.prompts import ResponseFormat
+    from lite_srpo.data.tasks import make_task
+    from lite_srpo.model.policy import load_policy
+    from lite_srpo.rl.rollout import encode_prompt
 
     cfg = config_from_dict(bench_recipe(model_path, tempfile.gettempdir(),
                                         rollout={"group_size": group, "max_new_tokens": length}))
@@ -74,7 +74,7 @@ def timed_rollout(policy, prompt, group: int, length: int, sampler: bool | None 
     import bitsandbytes as bnb
     import torch
 
-    from lite_srpo.rollout import generate
+    from lite_srpo.rl.rollout import generate
 
     t = Timers()
     t.hook(policy.hf, "model forward (whole)", trace=True)
@@ -115,7 +115,7 @@ def timed_rollout(policy, prompt, group: int, length: int, sampler: bool | None 
 def alternating_sampler_ab(policy, prompt, group: int, length: int, repeats: int) -> dict:
     """Plain wall time of whole rollouts, alternating HF's sampler and the inverse-CDF one, so that load
     from other processes hits both alike; the ratio of the sums is the sampler's own effect."""
-    from lite_srpo.rollout import generate
+    from lite_srpo.rl.rollout import generate
 
     policy.hf.generation_config.min_new_tokens = length
     runs = []
@@ -168,7 +168,7 @@ def profiled_rollout(policy, prompt, group: int, length: int, top: int = 15, sam
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from lite_srpo.rollout import generate
+    from lite_srpo.rl.rollout import generate
 
     policy.hf.generation_config.min_new_tokens = length
     torch.manual_seed(0)

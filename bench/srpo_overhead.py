@@ -37,9 +37,9 @@ def overhead_job(job: dict) -> dict:
     import tempfile
 
     set_threads(job)
-    from lite_srpo import train as T
-    from lite_srpo.algorithms import ALGORITHM_SPECS
     from lite_srpo.config import config_from_dict
+    from lite_srpo.rl import train as T
+    from lite_srpo.rl.algorithms import ALGORITHM_SPECS
 
     with tempfile.TemporaryDirectory(prefix="lite-srpo-bench-") as tmp:
         def cfg_for(variant: str):

@@ -14,7 +14,7 @@ TRL keeps its other defaults. Runs alternate (ours, TRL, ours, ...) and each is 
     python -m bench.vs_trl --quick            # tiny smoke test
 
 The row `lite-srpo (defaults)` runs what a recipe gets without setting anything: `train.logprob_chunk:
-auto` and vision features encoded once per image per step (lite_srpo/vision_cache.py).
+auto` and vision features encoded once per image per step (lite_srpo/model/vision_cache.py).
 """
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ def trl_step_job(job: dict) -> dict:
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from lite_srpo.modeling import VISION_PREFIXES, disable_cpu_4bit_repacking, lora_target_regex
-    from lite_srpo.processors import load_processor, model_family
-    from lite_srpo.prompts import ResponseFormat, build_messages
-    from lite_srpo.rewards import compute_rewards
+    from lite_srpo.data.prompts import ResponseFormat, build_messages
+    from lite_srpo.model.policy import VISION_PREFIXES, disable_cpu_4bit_repacking, lora_target_regex
+    from lite_srpo.model.processors import load_processor, model_family
+    from lite_srpo.rewards.builtin import compute_rewards
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -117,7 +117,8 @@ def trl_step_job(job: dict) -> dict:
 def run_job(job: dict) -> dict:
     if job["system"] == "trl":
         return trl_step_job(job)
-    from lite_srpo import algorithms, sampling, train, vision_cache
+    from lite_srpo.model import vision_cache
+    from lite_srpo.rl import algorithms, sampling, train
 
     vision_cache.ENABLED = job.get("vision_cache", True)
     sampling.ENABLED = job.get("sampler", "inverse_cdf") == "inverse_cdf"

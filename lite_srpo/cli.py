@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import LiteSrpoError
@@ -32,11 +33,11 @@ def _train():
 
     def run(a: argparse.Namespace) -> int:
         from .config import load_config
-        from .pipeline import run_training
+        from .rl.pipeline import run_training
 
         cfg = load_config(a.recipe, a.overrides)
         if a.nproc != 1:
-            from .launch import launch_torchrun
+            from .run.launch import launch_torchrun
 
             return launch_torchrun(cfg, a.nproc, [a.recipe, *a.overrides], resume=a.resume, quiet=a.quiet)
         run_training(cfg, resume=a.resume, quiet=a.quiet)
@@ -51,7 +52,7 @@ def _demo():
         p.add_argument("--recipe", default=None, help="recipe to use instead of the bundled demo recipe")
 
     def run(a: argparse.Namespace) -> int:
-        from .demo import run_demo
+        from .eval.demo import run_demo
 
         run_demo(a.recipe, a.overrides)
         return 0
@@ -67,7 +68,7 @@ def _make_tiny():
         p.add_argument("--seed", type=int, default=0)
 
     def run(a: argparse.Namespace) -> int:
-        from .tiny import make_tiny
+        from .model.tiny import make_tiny
 
         print(make_tiny(a.arch, a.out_dir, size=a.size, seed=a.seed))
         return 0
@@ -91,11 +92,11 @@ def _compare():
 
     def run(a: argparse.Namespace) -> int:
         if a.report:
-            from .compare_report import report
+            from .eval.compare_report import report
 
             report(a.report)
             return 0
-        from .compare import run_compare
+        from .eval.compare import run_compare
 
         arms = tuple(x for x in a.arms.split(",") if x) + tuple(a.arm)
         run_compare(a.recipe, a.overrides, arms, a.out, seeds=a.seeds)
@@ -112,7 +113,7 @@ def _plot():
                        help="moving-average window drawn on the raw values (default: automatic; 0 = raw only)")
 
     def run(a: argparse.Namespace) -> int:
-        from .plot import write_curves
+        from .run.plot import write_curves
 
         print(write_curves(a.runs, a.out, smooth=a.smooth))
         return 0
@@ -134,22 +135,32 @@ def _delegate(module: str, function: str):
 
 DELEGATED = {"export", "eval", "plan"}
 command("export", "export a run/checkpoint: --mode adapter|merged --out DIR (see lite-srpo export -h)")(
-    lambda: _delegate("lite_srpo.export", "export_main"))
+    lambda: _delegate("lite_srpo.model.export.cli", "export_main"))
 command("eval", "evaluate a model/run/checkpoint under a named protocol (see lite-srpo eval -h)")(
-    lambda: _delegate("lite_srpo.eval_cli", "eval_main"))
+    lambda: _delegate("lite_srpo.eval.eval_cli", "eval_main"))
 command("plan", "predict a recipe's peak memory on a GPU before launch (see lite-srpo plan -h)")(
-    lambda: _delegate("lite_srpo.memory", "plan_main"))
+    lambda: _delegate("lite_srpo.model.memory.report", "plan_main"))
+
+
+def _ui_serve():
+    """`ui.serve`; from a source checkout whose `ui/` is not installed, the checkout goes on the path first."""
+    try:
+        from ui import serve
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("ui", "ui.serve"):
+            raise
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from ui import serve
+    return serve
 
 
 @command("ui", "start the Gradio UI on 127.0.0.1")
 def _ui():
     def add(p: argparse.ArgumentParser) -> None:
-        from .ui_launch import add_arguments
-
-        add_arguments(p)
+        _ui_serve().add_arguments(p)  # no Gradio import: every command builds this parser
 
     def run(a: argparse.Namespace) -> int:
-        from .ui_launch import run_from_args
+        from ui.app import run_from_args
 
         return run_from_args(a)
     return add, run

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):
-    from lite_srpo.tiny import make_tiny
+    from lite_srpo.model.tiny import make_tiny
 
     return make_tiny("qwen2_5_vl", tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", size="test", seed=0)
 
@@ -22,7 +22,7 @@ def tiny_qwen(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_factory(tmp_path_factory):
     """Build (and cache) a tiny model of any arch."""
-    from lite_srpo.tiny import make_tiny
+    from lite_srpo.model.tiny import make_tiny
 
     cache: dict[tuple[str, str], object] = {}
 
@@ -39,7 +39,7 @@ def tiny_factory(tmp_path_factory):
 def length_reward():
     """A reward that varies on a random tiny model (accuracy is ~always 0 there), so updates are non-zero.
     Registered the way a user adds a reward: a plain function in the registry (in-process only)."""
-    from lite_srpo import rewards
+    from lite_srpo.rewards import builtin as rewards
 
     rewards.REWARD_FUNCTIONS["test_length"] = lambda response, sample, fmt: len(response) / 50.0
     yield
@@ -80,7 +80,7 @@ def warm_qwen(tiny_qwen, tmp_path_factory):
     structured format greedily and about 40 % of the time at T = 1, so responses carry real perception and
     reasoning roles and an RL run has something to learn. Shared by the learning and role tests."""
     from lite_srpo.config import config_from_dict
-    from lite_srpo.pipeline import ensure_warmup
+    from lite_srpo.rl.pipeline import ensure_warmup
 
     root = tmp_path_factory.mktemp("warm")
     recipe = tiny_recipe(tiny_qwen, root, name="warmup", reward__weights={"accuracy": 0.9, "format": 0.1},

@@ -128,7 +128,8 @@ def test_vs_trl_ablation_rows_and_effects(in_process, tmp_path):
     base = data["summary"][0]
     for s in data["summary"][1:]:
         assert effects[s["system"]]["step_ratio"] == pytest.approx(base["step_s"] / s["step_s"])
-    from lite_srpo import algorithms, sampling, train, vision_cache
+    from lite_srpo.model import vision_cache
+    from lite_srpo.rl import algorithms, sampling, train
     assert vision_cache.ENABLED and sampling.ENABLED  # the switches are restored after an ablation job
     assert train.old_pass_needed is algorithms.old_pass_needed
     undone = next(r for r in data["rows"] if r["job"].get("old_pass") == "always")
@@ -151,7 +152,7 @@ def test_gpu_7b_dry_run(in_process, tmp_path, monkeypatch):
 
 def test_gpu_7b_shapes_are_the_published_configs():
     from bench.gpu_7b import SHAPES
-    from lite_srpo.memory import dims_from_config
+    from lite_srpo.model.dims import dims_from_config
 
     for shape, total in (("7b", 8.29e9), ("3b", 3.75e9)):
         s = SHAPES[shape]
@@ -161,7 +162,7 @@ def test_gpu_7b_shapes_are_the_published_configs():
 
 
 def test_bench_samples_pad_prompts_to_the_target(tiny_bench_model):
-    from lite_srpo.processors import load_processor
+    from lite_srpo.model.processors import load_processor
 
     processor = load_processor(tiny_bench_model)
     samples = common.bench_samples(processor, 2, 112, prompt_tokens=300)

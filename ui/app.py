@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ if __package__ in (None, ""):  # `python ui/app.py`: make the repository root im
 
 import gradio as gr
 
+from lite_srpo.errors import ConfigError
 from ui import tab_export, tab_launch, tab_monitor, tab_runs, tab_tokens, tab_try
 from ui.runs import find_runs, summarize
+from ui.serve import AUTH_ENV, add_arguments, check_exposure, parse_auth, resolve_address, resolve_dir
 from ui.views import pick_default, run_choices
 
 POLL_SECONDS = 2.0
@@ -96,7 +99,36 @@ def build_app(runs_dir: str | Path = "runs", recipes_dir: str | Path = "recipes"
     return demo
 
 
-if __name__ == "__main__":
-    from lite_srpo.ui_launch import main
+def launch(host: str | None = None, port: int | None = None, share: bool = False,
+           auth: str | tuple[str, str] | None = None, runs_dir: str | Path = "runs",
+           recipes_dir: str | Path = "recipes", block: bool = True):
+    """Build and serve the app; returns the Blocks (already closed again if `block`)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    credentials = parse_auth(auth if auth is not None else os.environ.get(AUTH_ENV))
+    host, port = resolve_address(host, port)
+    check_exposure(host, share, credentials)
+    demo = build_app(runs_dir=runs_dir, recipes_dir=resolve_dir(recipes_dir, "recipes"))
+    demo.queue(default_concurrency_limit=2)
+    demo.launch(server_name=host, server_port=port, share=share, auth=credentials, prevent_thread_lock=not block,
+                css=CSS, ssr_mode=False, show_error=True, footer_links=[], quiet=not block)
+    return demo
 
+
+def run_from_args(a: argparse.Namespace) -> int:
+    launch(host=a.host, port=a.port, share=a.share, auth=a.auth, runs_dir=a.runs_dir, recipes_dir=a.recipes_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python ui/app.py [--host H] [--port P] [--auth user:password] ...`: serve until interrupted."""
+    parser = argparse.ArgumentParser(prog="lite-srpo ui", description="the lite-srpo web UI")
+    add_arguments(parser)
+    try:
+        return run_from_args(parser.parse_args(argv))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
     sys.exit(main())

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lite_srpo.checkpoint import latest_checkpoint
 from lite_srpo.config import RunConfig, dump_yaml
+from lite_srpo.run.checkpoint import latest_checkpoint
 
 from .process import LAUNCH_RECIPE, device_slots, is_alive, read_record, request_stop, slot_devices, start_training
 from .runs import find_runs, summarize

@@ -14,8 +14,7 @@ from typing import Any
 
 import yaml
 
-from lite_srpo.config import (ALGORITHMS, RunConfig, apply_overrides, config_from_dict, config_to_dict,
-                              load_recipe_dict)
+from lite_srpo.config import ALGORITHMS, RunConfig, apply_overrides, config_from_dict, config_to_dict, load_recipe_dict
 from lite_srpo.errors import ConfigError
 
 from .process import LAUNCH_RECIPE, train_command
@@ -35,7 +34,7 @@ class FormField:
 
 
 def _task_names() -> tuple[str, ...]:
-    from lite_srpo.tasks.procedural import TASKS
+    from lite_srpo.data.tasks.procedural import TASKS
 
     return ("",) + tuple(sorted(TASKS))
 

@@ -13,9 +13,9 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from lite_srpo.checkpoint import ADAPTER_DIR, RECIPE_FILE, checkpoint_dirs
 from lite_srpo.config import RunConfig, config_from_dict
 from lite_srpo.errors import LiteSrpoError
+from lite_srpo.run.checkpoint import ADAPTER_DIR, RECIPE_FILE, checkpoint_dirs
 
 from .process import LAUNCH_RECIPE
 from .tokens import role_name
@@ -64,7 +64,7 @@ class ModelCache:
         self.lock = threading.Lock()
 
     def get(self, cfg: RunConfig, adapter: str | None):
-        from lite_srpo.modeling import load_policy
+        from lite_srpo.model.policy import load_policy
 
         key = (cfg.model.path, cfg.model.load_in_4bit, cfg.model.dtype, adapter)
         if key != self.key:
@@ -78,11 +78,10 @@ CACHE = ModelCache()
 
 
 def structured_markdown(text: str, cfg: RunConfig) -> tuple[str, bool]:
-    from lite_srpo.prompts import parse_structure
-    from lite_srpo.rewards import extract_answer
-    from lite_srpo.train import response_format
+    from lite_srpo.data.prompts import parse_structure, response_format
+    from lite_srpo.rewards.builtin import extract_answer
 
-    fmt = response_format(cfg)
+    fmt = response_format(cfg.data)
     answer = extract_answer(text)
     s = parse_structure(text, fmt)
     parts = []
@@ -98,10 +97,9 @@ def structured_markdown(text: str, cfg: RunConfig) -> tuple[str, bool]:
 def ask(run_dir: str | Path, choice: str, image: Image.Image | None, question: str, max_new_tokens: int = 128,
         cache: ModelCache = CACHE) -> Answer:
     """Greedy answer of the chosen model to one question about one image."""
-    from lite_srpo.prompts import token_char_spans, token_roles
-    from lite_srpo.rollout import encode_prompt, generate
-    from lite_srpo.tasks.base import Sample
-    from lite_srpo.train import response_format
+    from lite_srpo.data.prompts import response_format, token_char_spans, token_roles
+    from lite_srpo.data.tasks.base import Sample
+    from lite_srpo.rl.rollout import encode_prompt, generate
 
     if image is None:
         raise LiteSrpoError("upload an image first")
@@ -116,7 +114,7 @@ def ask(run_dir: str | Path, choice: str, image: Image.Image | None, question: s
     image = image.convert("RGB")
     if max(image.size) > MAX_SIDE:
         image.thumbnail((MAX_SIDE, MAX_SIDE))
-    fmt = response_format(cfg)
+    fmt = response_format(cfg.data)
     with cache.lock:
         policy = cache.get(cfg, adapter)
         prompt = encode_prompt(policy, Sample(images=[image], question=question.strip(), answer=""),

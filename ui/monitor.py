@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lite_srpo.plot import panel_notes
+from lite_srpo.run.plot import panel_notes
 
 ACTIVE = ("started", "running", "resumed")
 
@@ -31,7 +31,7 @@ PLOTS: dict[str, list[tuple[str, str]]] = {
     "Throughput (tokens/s)": [("generation", "perf/gen_tokens_per_s"), ("update", "perf/update_tokens_per_s")],
     "SFT warm-up loss": [("SFT loss", "sft:loss")],
 }
-# Plots whose emptiness has a reason in the recipe (lite_srpo.plot.panel_notes): KL off, eval off, no warm-up.
+# Plots whose emptiness has a reason in the recipe (lite_srpo.run.plot.panel_notes): KL off, eval off, no warm-up.
 PLOT_PANEL = {"KL to reference (k3)": "kl", "Held-out eval accuracy, format rate": "eval",
               "SFT warm-up loss": "sft"}
 

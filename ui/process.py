@@ -17,12 +17,12 @@ from pathlib import Path
 
 import psutil
 
-import lite_srpo
+from lite_srpo import errors
 
 PROCESS_FILE = "ui_process.json"
 LOG_FILE = "train.log"
 LAUNCH_RECIPE = "launch_recipe.yaml"
-PACKAGE_ROOT = Path(lite_srpo.__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(errors.__file__).resolve().parents[1]  # the directory that holds lite_srpo/
 
 # Processes this UI started: polled so exited children are reaped (no zombies) and their exit code kept.
 _children: dict[int, subprocess.Popen] = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from lite_srpo.checkpoint import checkpoint_dirs
+from lite_srpo.run.checkpoint import checkpoint_dirs
 
 from .monitor import ACTIVE, events_of, log_tail, run_state
 from .process import LAUNCH_RECIPE, LOG_FILE, PROCESS_FILE, exit_code, is_alive, read_record

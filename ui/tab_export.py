@@ -5,7 +5,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lite_srpo.checkpoint import checkpoint_dirs
+from lite_srpo.run.checkpoint import checkpoint_dirs
 
 from .export_job import MODES, default_out_dir, export_status, start_export
 

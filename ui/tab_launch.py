@@ -12,17 +12,19 @@ import psutil
 from lite_srpo.errors import LiteSrpoError
 
 from . import control
+from .form import (FIELDS, FormField, Validation, errors_for_field, list_recipes, load_form, preview, recipe_from_form,
+                   validate)
 from .process import child_env
-from .form import FIELDS, FormField, Validation, errors_for_field, list_recipes, load_form, preview, recipe_from_form, validate
 from .views import plan_as_markdown
 
 ERROR_CLASS = "ls-field-error"
 
 
 def memory_planner():
-    """`lite_srpo.memory` (plan, format_plan) if this install has it; the panel is hidden otherwise."""
+    """`lite_srpo.model.memory` (plan, format_plan) if this install has it; the panel is hidden otherwise."""
     try:
-        from lite_srpo.memory import format_plan, plan
+        from lite_srpo.model.memory.plan import plan
+        from lite_srpo.model.memory.report import format_plan
     except ImportError:
         return None
     return plan, format_plan
@@ -101,7 +103,7 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
         preview_btn = gr.Button("Preview", elem_id="preview-btn")
         start_btn = gr.Button("Start training", variant="primary", elem_id="start-btn")
     launch_msg = gr.Markdown(elem_id="launch-msg")
-    with gr.Accordion("Predicted peak memory before launch (lite_srpo.memory)", open=False,
+    with gr.Accordion("Predicted peak memory before launch (lite_srpo.model.memory)", open=False,
                       visible=memory_planner() is not None):
         plan_md = gr.Markdown(elem_id="plan-md")
     command = gr.Code(label="Command that will run", language="shell", lines=1, interactive=False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-ROLE_NAMES = ("other", "perception", "reasoning")  # role ids 0, 1, 2 (lite_srpo.prompts)
+ROLE_NAMES = ("other", "perception", "reasoning")  # role ids 0, 1, 2 (lite_srpo.data.prompts)
 MODES = {"weight": "weight", "score": "score", "advantage": "adv"}  # selector label -> token field
 SHADES = 4
 

@@ -1,0 +1,2 @@
+"""Samples: procedural tasks, local and hub datasets, train/validation/test splits, prompts and
+response roles, image corruptions."""

@@ -1,0 +1,1 @@
+"""`lite-srpo plan`: the predicted peak memory of one training step, before anything loads."""

@@ -1,0 +1,188 @@
+"""The terms of the memory plan: every buffer one training step holds, by phase (fixed, generation,
+no-grad passes, update), in GiB, for a given group size and response length.
+
+The constants marked "measured" come from bench/planner_accuracy.py on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ...config import RunConfig, check_divisible
+from ..chunking import LOGITS_COPIES_GRAD, NF4_DQ_BYTES_PER_PARAM, resolved_logprob_chunk
+from ..dims import DTYPE_BYTES, ModelDims, image_tokens
+
+GIB = 2**30
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # without double quant: fp32 absmax per 64-value block
+CPU_BASELINE_GIB = 0.40  # measured: python + torch + transformers + peft + bitsandbytes + lite_srpo, processor, data
+CPU_HEAP_RETAINED_LAYERS = 1.0  # fitted on 24 CPU runs (bench/results): freed heap glibc keeps, in layer sets
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # larger blocks are mmapped and given back to the OS when freed
+LOGITS_COPIES_NOGRAD = 2.0  # measured: fp32 [chunk, V] logits + the logsumexp temporary
+GEN_LOGITS_COPIES = 5  # generate: fp32 last-token logits, processors, softmax, sampling buffers
+TEXT_PROMPT_TOKENS = 150  # chat template + question + format instructions of the procedural tasks (tiny tokenizer)
+
+
+@dataclass
+class Term:
+    name: str
+    phase: str  # fixed | generation | passes | update
+    gib: float
+    how: str
+
+
+def compute_bytes(cfg: RunConfig, device: str) -> int:
+    if cfg.model.dtype == "auto":
+        return 2 if device == "cuda" else 4
+    return DTYPE_BYTES[cfg.model.dtype]
+
+
+def logprob_chunk(cfg: RunConfig, dims: ModelDims, device: str) -> int:
+    """train.logprob_chunk as the trainer resolves it (`auto`: chunking.py's rule from the same dims)."""
+    return resolved_logprob_chunk(cfg.train.logprob_chunk, dims, cfg.model.load_in_4bit, compute_bytes(cfg, device))
+
+
+def _lora_params(dims: ModelDims, cfg: RunConfig) -> int:
+    r, h, i = cfg.lora.r, dims.hidden, dims.intermediate
+    per = {"q_proj": h + dims.q_dim, "k_proj": h + dims.kv_dim, "v_proj": h + dims.kv_dim, "o_proj": dims.q_dim + h,
+           "gate_proj": h + i, "up_proj": h + i, "down_proj": i + h}
+    n = dims.layers * r * sum(per.get(m, 0) for m in cfg.lora.target_modules)
+    if cfg.lora.vision:
+        d, iv = dims.vision_hidden, dims.vision_intermediate
+        n += dims.vision_depth * r * (4 * d + 2 * d + 3 * (d + iv))
+    return n
+
+
+def _optimizer_bytes(cfg: RunConfig, device: str) -> tuple[float, str]:
+    name = cfg.optim.optimizer
+    if name == "auto":
+        name = "paged_adamw8bit" if device == "cuda" else "adamw"
+    return (8.0, name) if name == "adamw" else (2.0, name)
+
+
+def prompt_length(cfg: RunConfig, dims: ModelDims, prompt_tokens: int | None) -> tuple[int, int | None, str]:
+    """(prompt tokens, image tokens or None, how the prompt length was chosen)."""
+    if prompt_tokens is not None:
+        return prompt_tokens, None, "given"
+    if cfg.data.task:
+        img = image_tokens(dims, cfg.data.image_size, cfg.data.image_size)
+        p = min(cfg.data.max_prompt_length, img + TEXT_PROMPT_TOKENS)
+        return p, img, (f"{img} image tokens ({cfg.data.image_size}x{cfg.data.image_size} px) + ~{TEXT_PROMPT_TOKENS} "
+                        "text tokens")
+    return cfg.data.max_prompt_length, None, "data.max_prompt_length (image tokens included; the longest prompt kept)"
+
+
+def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group_size: int,
+                 response: int, ranks: int = 1) -> list[Term]:
+    """Every term of the plan for a given G and response length (all in GiB), on one rank of `ranks`:
+    a rank holds the whole model and adapter but samples and scores only prompts_per_step / ranks prompts."""
+    cfg = per_rank_config(cfg, ranks)
+    b = compute_bytes(cfg, device)
+    v, h, i, n_layers, kvd = dims.vocab, dims.hidden, dims.intermediate, dims.layers, dims.kv_dim
+    n_rows = group_size * cfg.rollout.prompts_per_step
+    gen_prompts = cfg.rollout.generation_batch_size or cfg.rollout.prompts_per_step
+    gen_rows = group_size * min(gen_prompts, cfg.rollout.prompts_per_step)
+    m = min(cfg.train.micro_batch_size, n_rows)
+    s = prompt + response
+    chunk = min(logprob_chunk(cfg, dims, device), m * response)
+    quant = cfg.model.load_in_4bit
+    terms: list[Term] = []
+
+    def add(name: str, phase: str, nbytes: float, how: str) -> None:
+        terms.append(Term(name, phase, nbytes / GIB, how))
+
+    # fixed: weights, adapter, process
+    if device == "cpu":
+        add("process baseline", "fixed", CPU_BASELINE_GIB * GIB, "python + torch + transformers + peft (measured)")
+    if quant:
+        add("weights: LLM linears (NF4 + double quant)", "fixed", dims.llm_linear_params * NF4_DQ_BYTES_PER_PARAM,
+            f"{dims.llm_linear_params / 1e9:.3f}B x 4.127 bit")
+        if device == "cpu":
+            # the checkpoint stays memory-mapped (the unquantized tensors point into it), so the file pages
+            # read while quantizing stay resident (measured)
+            add("checkpoint pages read while quantizing", "fixed", dims.llm_linear_params * dims.checkpoint_bytes,
+                f"{dims.llm_linear_params / 1e9:.3f}B x {dims.checkpoint_bytes} B (memory-mapped file)")
+    else:
+        add("weights: LLM linears", "fixed", dims.llm_linear_params * b, f"{dims.llm_linear_params / 1e9:.3f}B x {b} B")
+    # On CPU an unconverted table stays memory-mapped, but page-fault read-around pulls in ~128 KiB per
+    # looked-up row, so sampled tokens soon make all of it resident (measured): count it in full.
+    add("weights: embeddings", "fixed", dims.embed_params * b, f"{dims.embed_params / 1e6:.0f}M x {b} B")
+    add("weights: lm_head", "fixed", dims.lm_head_params * b,
+        "tied to the embeddings" if dims.tied else f"{dims.lm_head_params / 1e6:.0f}M x {b} B")
+    add("weights: vision tower + projector", "fixed", dims.vision_params * b,
+        f"{dims.vision_params / 1e6:.0f}M x {b} B")
+    add("weights: norms, biases", "fixed", dims.other_params * b, f"{dims.other_params / 1e6:.1f}M x {b} B")
+    lora = _lora_params(dims, cfg)
+    opt_b, opt_name = _optimizer_bytes(cfg, device)
+    add("LoRA: fp32 weights + grads + optimizer", "fixed", lora * (8 + opt_b),
+        f"{lora / 1e6:.1f}M params x (4 + 4 + {opt_b:g} {opt_name}) B")
+    add("rollout batch, per-token vectors", "fixed", n_rows * response * 4 * 8 + n_rows * s * 8 * 3,
+        f"{n_rows} x {response} tokens x a few [N, R] tensors")
+    if ranks > 1:
+        add("the whole step's [N, R] vectors (all ranks, exchanged)", "fixed", n_rows * ranks * response * 4 * 6,
+            f"{n_rows * ranks} rows x {response} tokens x 6 fp32 vectors (CPU)")
+        add("gradient all-reduce buffer", "update", lora * 4, f"{lora / 1e6:.1f}M LoRA grads x fp32, one flat copy")
+
+    # generation: all rows of one generate call decode together
+    add("KV cache", "generation", gen_rows * s * n_layers * 2 * kvd * b * (1 + 1 / n_layers),
+        f"{gen_rows} rows x {s} tokens x {n_layers} layers x 2 x {kvd} x {b} B (+1 layer while it grows)")
+    add("prefill activations (one layer, no grad)", "generation",
+        gen_rows * prompt * ((4 * h + 2 * kvd + 3 * i) * b + prompt * (1 + b)),
+        f"{gen_rows} rows x {prompt} prompt tokens, incl. the [P, P] attention mask")
+    add("per-step logits", "generation", gen_rows * v * 4 * GEN_LOGITS_COPIES,
+        f"{gen_rows} rows x V={v} x fp32 x {GEN_LOGITS_COPIES} copies")
+
+    # scoring passes (no grad), one micro-batch at a time
+    add("one layer's activations (no grad)", "passes", m * s * ((4 * h + 2 * kvd + 3 * i) * b + 3 * h * b),
+        f"micro-batch {m} x {s} tokens")
+    add("attention mask", "passes", m * s * s * (1 + b), f"{m} x {s}^2 x (bool + {b} B)")
+    add("streamed lm_head chunk", "passes", chunk * v * 4 * LOGITS_COPIES_NOGRAD,
+        f"chunk {chunk} x V={v} x fp32 x {LOGITS_COPIES_NOGRAD:g} (independent of G and length)")
+    if cfg.algorithm.name == "vgpo" and device == "cpu":
+        add("VGPO response hidden states", "passes", m * response * h * 4, f"micro-batch {m} x {response} x H fp32")
+
+    # policy update (grad), one micro-batch at a time
+    per_layer = (7 * h + 2 * kvd + 4 * i) * b + 8 * h  # anchors.md §5, plus the fp32 RMSNorm copies
+    if cfg.model.gradient_checkpointing:
+        add("checkpointed layer inputs", "update", m * s * n_layers * h * b,
+            f"{m} x {s} tokens x {n_layers} layers x H={h} x {b} B")
+        add("one layer recomputed for backward", "update", m * s * per_layer,
+            f"{m} x {s} x (7H + 2kv + 4I) x {b} B")
+    else:
+        add("activations of every layer", "update", m * s * n_layers * per_layer,
+            f"{m} x {s} x {n_layers} layers x (7H + 2kv + 4I) x {b} B (no gradient checkpointing)")
+    add("attention mask", "update", m * s * s * (1 + b), f"{m} x {s}^2 x (bool + {b} B)")
+    add("final hidden states + their grads", "update", m * s * h * (2 * b + 8), f"{m} x {s} x H")
+    grad_copies = LOGITS_COPIES_GRAD[4 if b == 4 else 2]
+    add("streamed lm_head chunk (with backward)", "update", chunk * v * 4 * grad_copies,
+        f"chunk {chunk} x V={v} x fp32 x {grad_copies:g} (independent of G and length)")
+    if quant:
+        add("dequantized 4-bit weight", "update", dims.largest_linear_params * b,
+            f"largest linear {dims.largest_linear_params / 1e6:.0f}M x {b} B")
+    if device == "cpu":
+        add("freed heap kept by the C allocator", "update", _cpu_heap_retained(m * s, h, kvd, i, b),
+            f"~{CPU_HEAP_RETAINED_LAYERS:g} layer-activation set(s) of blocks under 32 MiB (glibc, fitted)")
+    return terms
+
+
+def _cpu_heap_retained(tokens: int, h: int, kvd: int, i: int, b: int) -> float:
+    """Bytes of freed activations glibc keeps in its heap during backward (CPU RSS only).
+
+    glibc serves blocks under its mmap threshold (which grows up to 32 MiB) from the heap and does not
+    give fragmented heap back, so recomputed layers leave freed activations resident; blocks above
+    32 MiB are mmapped and returned. Measured retention varies from run to run (0.3-1 GiB on the
+    6-layer H=1024 bench model); one layer set is the fit over bench/memory_scaling and the first
+    bench/planner_accuracy run.
+    """
+    blocks = [(7 * h + 2 * kvd) * b + 8 * h, 4 * i * b]  # per-token bytes of the H-wide and I-wide tensors
+    widths = [h * max(b, 4), i * b]  # bytes per token of one tensor of each kind
+    kept = sum(per_tok for per_tok, width in zip(blocks, widths) if tokens * width < GLIBC_MMAP_THRESHOLD_MAX)
+    return CPU_HEAP_RETAINED_LAYERS * tokens * kept
+
+
+def per_rank_config(cfg: RunConfig, ranks: int) -> RunConfig:
+    """What one rank runs: the same recipe with prompts_per_step / ranks prompts (groups stay whole)."""
+    if ranks == 1:
+        return cfg
+    check_divisible(cfg.rollout.prompts_per_step, ranks)
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(
+        cfg.rollout, prompts_per_step=cfg.rollout.prompts_per_step // ranks))

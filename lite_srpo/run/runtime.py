@@ -1,0 +1,96 @@
+"""What keeps a training process safe around its steps: graceful signals, seeding, memory readings, and the
+state snapshot an out-of-memory retry restores so that no update is applied twice."""
+from __future__ import annotations
+
+import gc
+import logging
+import resource
+import signal
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+
+log = logging.getLogger("lite_srpo.rl.train")
+
+
+class GracefulStop:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 0. Second: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a UI worker)
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt("second signal: stopping now; the last checkpoint is intact")
+        self.requested = True
+        log.warning("stop requested (%s): finishing this step, then saving a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def sampling_seed(seed: int, step: int, prompt_index: int) -> int:
+    """The sampler's seed for the generate call that starts at the step's `prompt_index`-th prompt."""
+    return int(np.random.SeedSequence([seed, step, prompt_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def state_before_step(params: list[torch.nn.Parameter], optimizer, scheduler) -> dict:
+    """Adapter, optimizer, scheduler and RNG state (on the CPU), so a retried step starts from scratch."""
+    return {"params": [p.detach().to("cpu", copy=True) for p in params],
+            "optimizer": _cpu_copy(optimizer.state_dict()), "scheduler": _cpu_copy(scheduler.state_dict()),
+            "rng": ckpt.rng_state()}
+
+
+def restore_before_step(params: list[torch.nn.Parameter], optimizer, scheduler, state: dict) -> None:
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])

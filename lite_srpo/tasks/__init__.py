@@ -1,8 +1,0 @@
-"""Datasets: local files, benchmark copies and procedural tasks, all producing :class:`Sample` lists."""
-from lite_srpo.tasks.base import Sample
-from lite_srpo.tasks.benchmarks import load_benchmark
-from lite_srpo.tasks.images import load_image
-from lite_srpo.tasks.loader import load_samples, write_jsonl
-from lite_srpo.tasks.procedural import TASKS, make_task
-
-__all__ = ["Sample", "TASKS", "load_benchmark", "load_image", "load_samples", "make_task", "write_jsonl"]
