@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .schema import ALGORITHM_PRESETS, ALGORITHMS, CHOICES, UNION_HINTS, AlgorithmConfig, RunConfig
+from .schema import ALGORITHM_PRESETS, ALGORITHMS, CHOICES, NOT_IMPLEMENTED, UNION_HINTS, AlgorithmConfig, RunConfig
 from .validate import problems
 
 
@@ -96,7 +96,9 @@ def _build(cls: type, data: dict, prefix: str, errs: list[str]) -> Any:
         else:
             value = _coerce(value, tp, full, errs)
             allowed = CHOICES.get(full)
-            if allowed is not None and value not in allowed:
+            if isinstance(value, str) and value in NOT_IMPLEMENTED.get(full, {}):
+                errs.append(f"{full}: {value!r} — {NOT_IMPLEMENTED[full][value]}")
+            elif allowed is not None and value not in allowed:
                 errs.append(f"{full}: {value!r} is not one of {', '.join(allowed)}")
             kwargs[key] = value
     return cls(**kwargs)

@@ -42,7 +42,7 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     task: str = ""
-    """A procedural task (count_shapes | bar_compare | gauge); or leave empty and set train_file."""
+    """A procedural task (count_shapes | bar_compare | gauge | near_colours); or leave empty and set train_file."""
     train_file: str = ""
     test_file: str = ""
     image_root: str = ""
@@ -73,7 +73,8 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     engine: str = "hf"
-    """hf (transformers generate) | unsloth (CUDA only, optional extra)."""
+    """hf (transformers generate with lite-srpo's sampler): the only engine today. `unsloth` and `vllm` are
+    refused with an error rather than accepted and ignored."""
     generation_batch_size: int = 0
     """Prompts per generate call (0 = all of the step's prompts at once)."""
 
@@ -110,6 +111,9 @@ class SrpoConfig:
     tau: float = 1.0
     kappa: float = 10.0
     renormalize: bool = True
+    weighted_roles: str = "both"
+    """both | perception | reasoning: which role's tokens get SRPO weights; the other role stays at weight 1
+    (the ablations of "which part of SRPO carries the gain"). `perception` skips the removed-perception pass."""
     consistency: str = "removed"
     """removed (perception content removed, +1 pass) | corrupted (reuse the corrupted-image pass) |
     perception_only (how much the written perception alone explains the token: log-prob with the image
@@ -261,19 +265,29 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
     "vgpo": dict(_DAPO_ARM, dual_clip=3.0),
 }
 
+# Values users ask for that do not exist yet: refused with what exists today, never accepted and ignored.
+NOT_IMPLEMENTED: dict[str, dict[str, str]] = {
+    "rollout.engine": {
+        "unsloth": "the Unsloth generation path is not implemented; the only engine today is 'hf' "
+                   "(transformers generate over the shared 4-bit base, with lite-srpo's sampler)",
+        "vllm": "a vLLM engine is not implemented yet; the only engine today is 'hf'",
+    },
+}
+
 # What a key typed as a union accepts, for its error message.
 UNION_HINTS: dict[str, str] = {"train.logprob_chunk": "auto or a whole number >= 1"}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.template": ("structured", "think", "plain"),
-    "rollout.engine": ("hf", "unsloth"),
+    "rollout.engine": ("hf",),
     "reward.answer_fallback": ("none", "last_number", "last_line"),
     "algorithm.name": ALGORITHMS,
     "algorithm.adv_scale": ("group", "batch", "none"),
     "algorithm.agg": ("token", "seq", "dr_grpo"),
     "algorithm.corruption.kind": ("patch", "noise", "blur", "constant"),
     "algorithm.srpo.consistency": ("removed", "corrupted", "perception_only"),
+    "algorithm.srpo.weighted_roles": ("both", "perception", "reasoning"),
     "algorithm.filter_on": ("accuracy", "reward"),
     "algorithm.overlong": ("punish", "filter", "none"),
     "algorithm.papo.schedule": ("fixed", "annealing"),

@@ -86,7 +86,7 @@ def problems(cfg: RunConfig) -> list[str]:
     if not cfg.model.path:
         errs.append("model.path: missing — a local model directory or a hub id (e.g. Qwen/Qwen2.5-VL-3B-Instruct)")
     if not cfg.data.task and not cfg.data.train_file:
-        errs.append("data: set data.task (count_shapes | bar_compare | gauge) or data.train_file (JSONL/Parquet/dataset dir)")
+        errs.append("data: set data.task (count_shapes | bar_compare | gauge | near_colours) or data.train_file (JSONL/Parquet/dataset dir)")
     if cfg.algorithm.name == "srpo" and cfg.data.template != "structured":
         errs.append(f"data.template: {cfg.data.template!r} with algorithm.name 'srpo' — SRPO needs the 'structured' "
                     "template (<perception>…</perception><think>…</think>\\boxed{}) to find perception and reasoning tokens")

@@ -72,6 +72,10 @@ def shape_grpo(x: ShapeInputs) -> Shaping:
     return Shaping(advantages=_broadcast(x.adv_seq, x.mask))
 
 
+WEIGHTED_ROLES = {"both": (srpo.PERCEPTION, srpo.REASONING), "perception": (srpo.PERCEPTION,),
+                  "reasoning": (srpo.REASONING,)}
+
+
 def shape_srpo(x: ShapeInputs) -> Shaping:
     c = x.cfg.srpo
     old, mask, roles = x.passes.old_logp, x.mask, x.roles
@@ -85,9 +89,12 @@ def shape_srpo(x: ShapeInputs) -> Shaping:
     elif c.consistency == "perception_only":  # image corrupted in both: only the written perception differs
         e = (torch.zeros_like(old) if x.passes.corrupted_logp is None or x.passes.removed_logp is None else
              srpo.reasoning_scores(x.passes.corrupted_logp, x.passes.removed_logp, roles, mask, kappa=c.kappa))
+    elif x.passes.removed_logp is None:  # weighted_roles: perception skips the pass; e is not used
+        e = torch.zeros_like(old)
     else:
         e = srpo.reasoning_scores(old, x.passes.removed_logp, roles, mask, kappa=c.kappa)
-    w = srpo.role_weights(d, e, roles, mask, lam=c.lam, tau=c.tau, renormalize=c.renormalize)
+    w = srpo.role_weights(d, e, roles, mask, lam=c.lam, tau=c.tau, renormalize=c.renormalize,
+                          weighted=WEIGHTED_ROLES[c.weighted_roles])
     metrics = srpo.role_metrics(w, roles, mask, d, e)
     metrics["srpo/variant"] = {"removed": 1.0, "corrupted": 2.0, "perception_only": 3.0}[c.consistency]
     return Shaping(advantages=srpo.token_advantages(x.adv_seq, w), scores=d + e, weights=w, metrics=metrics)
@@ -147,7 +154,8 @@ ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
     "dapo": AlgorithmSpec("dapo", shape_grpo),
     "dr_grpo": AlgorithmSpec("dr_grpo", shape_grpo),
     "srpo": AlgorithmSpec("srpo", shape_srpo, needs_corrupted=True, needs_roles=True, needs_old_scores=True,
-                          needs_removed=lambda cfg: cfg.srpo.consistency in ("removed", "perception_only")),
+                          needs_removed=lambda cfg: cfg.srpo.consistency in ("removed", "perception_only")
+                          and cfg.srpo.weighted_roles != "perception"),
     "papo": AlgorithmSpec("papo", shape_papo, needs_corrupted=True, extra_loss=papo_extra, needs_old_scores=True),
     "vppo": AlgorithmSpec("vppo", shape_vppo, needs_corrupted=True, extra_loss=vppo_extra, needs_old_scores=True),
     "vgpo": AlgorithmSpec("vgpo", shape_vgpo, needs_focus=True, needs_old_scores=True),

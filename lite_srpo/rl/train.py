@@ -74,9 +74,6 @@ def setup(cfg: RunConfig, resume: bool = False, overwrite: bool = False, ctx: Di
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume and last is None:
         raise LiteSrpoError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (nothing to resume)")
-    if cfg.rollout.engine == "unsloth":
-        log.warning("rollout.engine=unsloth: the Unsloth fast-generation path is not implemented yet; "
-                    "generating with HF generate")
     seed_everything(cfg.train.seed)
     train_set, test_set = load_splits(cfg.data, seed=cfg.train.seed)
     policy = load_policy(cfg.model, cfg.lora)

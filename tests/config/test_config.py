@@ -145,3 +145,17 @@ def test_bad_logprob_chunk_names_the_key_and_what_is_allowed(value):
     with pytest.raises(ConfigError) as e:
         cfg(train={"logprob_chunk": value})
     assert "train.logprob_chunk" in str(e.value) and "auto or a whole number >= 1" in str(e.value)
+
+
+@pytest.mark.parametrize("engine", ["unsloth", "vllm"])
+def test_an_engine_that_does_not_exist_is_refused_not_ignored(engine):
+    """`rollout.engine: unsloth` used to be accepted, warn, and run HF generate: a key that lied."""
+    with pytest.raises(ConfigError) as e:
+        cfg(rollout={"engine": engine})
+    assert "rollout.engine" in str(e.value) and "not implemented" in str(e.value) and "'hf'" in str(e.value)
+    assert cfg(rollout={"engine": "hf"}).rollout.engine == "hf"
+
+
+def test_srpo_weighted_roles_is_checked():
+    with pytest.raises(ConfigError, match="algorithm.srpo.weighted_roles"):
+        cfg(algorithm={"name": "srpo", "srpo": {"weighted_roles": "vision"}})

@@ -187,3 +187,21 @@ def test_filter_on_accuracy_drops_all_wrong_groups_that_differ_only_in_format():
     by_reward = config_from_dict({"model": {"path": "m"}, "data": {"task": "count_shapes"},
                                   "algorithm": {"name": "dapo", "filter_on": "reward"}})
     assert dynamic_sampling_keep(filter_key(by_reward, total, per_fn), 4).tolist() == [True, True]
+
+
+@pytest.mark.parametrize("weighted", ["perception", "reasoning"])
+def test_srpo_weighted_roles_leaves_the_other_role_at_one(warm_qwen, tmp_path, weighted):
+    """The ablation keys run for real: the unweighted role's tokens keep weight exactly 1, the weighted
+    role's weights move, and `perception` alone skips the removed-perception pass."""
+    from lite_srpo.rl.algorithms import ALGORITHM_SPECS
+
+    cfg = config_from_dict(warm_recipe(warm_qwen, tmp_path, algorithm__name="srpo", train__steps=1,
+                                       algorithm__srpo={"weighted_roles": weighted}))
+    run = setup(cfg)
+    torch.manual_seed(0)
+    metrics = rl_step(run, 1)
+    fixed, moved = ("reasoning", "perception") if weighted == "perception" else ("perception", "reasoning")
+    assert metrics[f"srpo/{fixed}_frac"] > 0 and metrics[f"srpo/{moved}_frac"] > 0
+    assert metrics[f"srpo/weight_{fixed}"] == 1.0
+    assert metrics["srpo/weight_max"] > 1.0 > metrics["srpo/weight_min"]  # the weighted role's weights spread
+    assert ALGORITHM_SPECS["srpo"].needs_removed(cfg.algorithm) == (weighted == "reasoning")
