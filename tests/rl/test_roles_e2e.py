@@ -205,3 +205,26 @@ def test_srpo_weighted_roles_leaves_the_other_role_at_one(warm_qwen, tmp_path, w
     assert metrics[f"srpo/weight_{fixed}"] == 1.0
     assert metrics["srpo/weight_max"] > 1.0 > metrics["srpo/weight_min"]  # the weighted role's weights spread
     assert ALGORITHM_SPECS["srpo"].needs_removed(cfg.algorithm) == (weighted == "reasoning")
+
+
+def test_perception_only_removed_pass_runs_on_the_corrupted_images(srpo_run):
+    """`consistency: perception_only` must score the perception-removed response with the corrupted image:
+    its log-probs differ from the clean-image removed pass on reasoning tokens, and equal the removed pass
+    recomputed by hand on the corrupted images of the same seed."""
+    from lite_srpo.rl.passes import corrupted_visuals, perception_removed_logprobs
+
+    run, batch, roles, _, clean = srpo_run
+    a = run.cfg.algorithm
+    corruption = dict(kind=a.corruption.kind, per_response=True,
+                      params={"patch": a.corruption.patch_size, "prob": a.corruption.prob})
+    po = run_passes(run.policy, batch, micro_batch=16, chunk=256, temperature=1.0, need_ref=False,
+                    need_corrupted=True, need_removed=True, need_focus=False, roles=roles, corruption=corruption,
+                    seed=7, removed_on_corrupted=True)
+    reasoning = (roles == REASONING) & batch.response_mask.bool()
+    assert int(reasoning.sum()) > 0
+    assert (po.removed_logp[reasoning] - clean.removed_logp[reasoning]).abs().max() > 1e-3
+    with run.policy.policy():
+        visuals = corrupted_visuals(run.policy, batch, seed=7, **corruption)
+        by_hand = perception_removed_logprobs(run.policy, batch, roles, 16, 256, 1.0, visual_override=visuals)
+    assert torch.allclose(po.removed_logp[reasoning], by_hand[reasoning], atol=1e-5)
+    assert torch.equal(po.corrupted_logp, clean.corrupted_logp)  # the same corrupted images in both runs
