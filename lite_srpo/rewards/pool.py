@@ -42,11 +42,13 @@ def _worker_main(conn: Connection, refs: dict[str, RewardRef]) -> None:
     # workers keep scoring (the trainer ends them when it stops).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    try:
-        fns = {name: load_reward(ref) for name, ref in refs.items()}
-    except RewardLoadError as exc:
-        conn.send(("load_error", str(exc)))
-        return
+    fns = {}
+    for name, ref in refs.items():
+        try:
+            fns[name] = load_reward(ref)
+        except RewardLoadError as exc:
+            conn.send(("load_error", f"{name}: {exc}"))
+            return
     conn.send(("ready",))
     while True:
         try:
@@ -139,7 +141,8 @@ class RewardPool:
                     self._replace(w)
                 elif not w.ready and now > w.started + START_TIMEOUT_S:
                     self.close()
-                    raise RewardLoadError(f"a reward worker did not start within {START_TIMEOUT_S:g} s")
+                    raise RewardLoadError(f"a reward worker for {', '.join(self.refs)} did not start within "
+                                          f"{START_TIMEOUT_S:g} s")
         return [r if r is not None else CallResult(None, "no result") for r in results]
 
     def _dispatch(self, w: _Worker, pending: deque, calls: list, results: list) -> None:
@@ -167,8 +170,8 @@ class RewardPool:
                 self._start_failures += 1
                 if self._start_failures > 3:
                     self.close()
-                    raise RewardLoadError(f"reward workers keep exiting while starting (exit code "
-                                          f"{w.proc.exitcode})") from None
+                    raise RewardLoadError(f"reward workers for {', '.join(self.refs)} keep exiting while "
+                                          f"starting (exit code {w.proc.exitcode})") from None
             self._replace(w)
             return
         if msg[0] == "ready":

@@ -204,3 +204,67 @@ def test_training_stops_when_a_reward_always_fails(tiny_qwen, reward_dir):
     events = read_events(cfg.run_dir / "events.jsonl")
     assert events[-1]["status"] == "crashed" and "max_failure_frac" in events[-1]["message"]
     assert not [p for p in mp.active_children() if p.name == "lite-srpo-reward"]
+
+
+HOSTILE = textwrap.dedent('''
+    import json, multiprocessing, os
+    from pathlib import Path
+
+    MODE = (Path(__file__).parent / "hostile_mode.txt").read_text().strip()
+    IN_WORKER = multiprocessing.current_process().name != "MainProcess"
+    if MODE == "raise_on_import" and IN_WORKER:
+        raise ImportError("hostile cannot be imported here")
+    if MODE == "die_at_start" and IN_WORKER:
+        os._exit(3)
+    FAIL = set(json.loads((Path(__file__).parent / "fail.json").read_text()))
+
+    def exits(response, sample):
+        if sample.source in FAIL:
+            os._exit(1)  # the worker dies in the middle of a call
+        return len(response) / 50.0
+
+    def unpicklable(response, sample):
+        if sample.source in FAIL:
+            return lambda: 1.0  # neither a number nor picklable
+        return len(response) / 50.0
+''')
+
+
+def hostile_run(tiny_qwen, reward_dir, fn: str, mode: str = "", steps: int = 2):
+    (reward_dir / "hostile.py").write_text(HOSTILE)
+    (reward_dir / "hostile_mode.txt").write_text(mode)
+    (reward_dir / "fail.json").write_text(json.dumps(_failing_sources(steps)))
+    name = f"hostile.py:{fn}"
+    recipe = tiny_recipe(tiny_qwen, reward_dir / "runs", train__steps=steps, reward__timeout_s=5.0,
+                         reward__weights={"accuracy": 0.9, "format": 0.1, name: 1.0})
+    return name, config_from_dict(recipe)
+
+
+@pytest.mark.parametrize("fn, reason", [("exits", "worker process died (exit code 1)"),
+                                        ("unpicklable", "returned function")])
+def test_a_reward_that_kills_its_worker_or_returns_garbage_scores_zero_and_is_counted(tiny_qwen, reward_dir, fn, reason):
+    name, cfg = hostile_run(tiny_qwen, reward_dir, fn)
+    start = time.monotonic()
+    run = train(cfg, quiet=True)
+    assert time.monotonic() - start < 300
+    events = read_events(run.run_dir / "events.jsonl")
+    metrics = [e for e in events if e["type"] == "metrics"]
+    assert [m[f"reward/{name}/failures"] for m in metrics] == [2.0, 2.0]  # the failing prompt's group of 2
+    warnings = [e["message"] for e in events if e["type"] == "warning" and name in e["message"]]
+    assert len(warnings) == 2 and all(reason in w for w in warnings), warnings
+    assert [e for e in events if e["type"] == "status"][-1]["status"] == "finished"
+    assert not [p for p in mp.active_children() if p.name == "lite-srpo-reward"]
+
+
+@pytest.mark.parametrize("mode, needle", [("raise_on_import", "ImportError: hostile cannot be imported here"),
+                                          ("die_at_start", "keep exiting while starting (exit code 3)")])
+def test_a_reward_whose_workers_cannot_start_stops_the_run_naming_it(tiny_qwen, reward_dir, mode, needle):
+    """The module imports in the trainer (so the recipe check passes) but fails, or kills the process, in
+    every worker: the run stops at the first step with an error naming the reward, and hangs nowhere."""
+    name, cfg = hostile_run(tiny_qwen, reward_dir, "exits", mode=mode)
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        train(cfg, quiet=True)
+    assert time.monotonic() - start < 300
+    assert name in str(e.value) and needle in str(e.value), str(e.value)
+    assert not [p for p in mp.active_children() if p.name == "lite-srpo-reward"]
