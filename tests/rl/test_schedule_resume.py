@@ -69,7 +69,8 @@ def test_scheduler_applies_the_multiplier_to_the_optimizer():
 
 
 
-def test_resume_under_warmup_and_cosine_is_bitwise_exact(tiny_qwen, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw8bit"])  # paged 8-bit: the CUDA default
+def test_resume_under_warmup_and_cosine_is_bitwise_exact(tiny_qwen, tmp_path, monkeypatch, optimizer):
     steps, stop_after = 5, 3  # warmup 2, so the stop falls in the cosine part
 
     def noisy(response, sample, fmt):
@@ -82,7 +83,7 @@ def test_resume_under_warmup_and_cosine_is_bitwise_exact(tiny_qwen, tmp_path, mo
     def cfg(root):
         return config_from_dict(tiny_recipe(tiny_qwen, root, train__steps=steps, train__save_every=1,
                                             train__keep_last=steps, rollout__max_new_tokens=6,
-                                            optim__schedule="cosine", optim__warmup_steps=2,
+                                            optim__schedule="cosine", optim__warmup_steps=2, optim__optimizer=optimizer,
                                             reward__weights={"format": 0.1, "test_length": 1.0, "test_noisy": 1.0}))
 
     straight = cfg(tmp_path / "straight")
