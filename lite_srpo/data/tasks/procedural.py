@@ -68,18 +68,23 @@ class CountParams(NamedTuple):
 def _sample_count(rng: random.Random) -> CountParams:
     target = rng.choice(COUNT_COLOURS)
     count = rng.randint(0, MAX_COUNT)  # uniform answers
+    return CountParams(target, _fill_cells(rng, target, count, [c for c in COUNT_COLOURS if c != target], 0.75))
+
+
+def _fill_cells(rng: random.Random, target: str, count: int, fillers: list[str], p_fill: float) -> tuple:
+    """The 2x2 layout shared by count_shapes and near_colours: `count` target shapes in random cells, and
+    each other cell holds one of `fillers` with probability `p_fill` (the draw order fixes the datasets)."""
     order = rng.sample(range(4), 4)
-    others = [c for c in COUNT_COLOURS if c != target]
     cells: list[Shape | None] = [None] * 4
     for rank, cell in enumerate(order):
         if rank < count:
             colour = target
-        elif rng.random() < 0.75:
-            colour = rng.choice(others)
+        elif rng.random() < p_fill:
+            colour = rng.choice(fillers)
         else:
             continue
         cells[cell] = Shape(colour, rng.choice(SHAPES), rng.randint(-2, 2), rng.randint(-2, 2), rng.randint(0, 2))
-    return CountParams(target, tuple(cells))
+    return tuple(cells)
 
 
 # --- near_colours: count_shapes' layout, but the other shapes are close shades of the asked colour ------
@@ -97,18 +102,7 @@ def _sample_near(rng: random.Random) -> CountParams:
     the reasoning stays one step."""
     target = rng.choice(sorted(NEAR_COLOURS))
     count = rng.randint(0, MAX_COUNT)
-    order = rng.sample(range(4), 4)
-    shades = sorted(NEAR_COLOURS[target])
-    cells: list[Shape | None] = [None] * 4
-    for rank, cell in enumerate(order):
-        if rank < count:
-            colour = target
-        elif rng.random() < 0.85:
-            colour = rng.choice(shades)
-        else:
-            continue
-        cells[cell] = Shape(colour, rng.choice(SHAPES), rng.randint(-2, 2), rng.randint(-2, 2), rng.randint(0, 2))
-    return CountParams(target, tuple(cells))
+    return CountParams(target, _fill_cells(rng, target, count, sorted(NEAR_COLOURS[target]), 0.85))
 
 
 def _describe_near(p: CountParams) -> tuple[str, str, list[str] | None, dict]:
