@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..config import AlgorithmConfig
-from .objectives import grpo, papo, srpo, vgpo, vppo
+from .objectives import papo, srpo, vgpo, vppo
 from .passes import PassOutputs
 
 log = logging.getLogger(__name__)
