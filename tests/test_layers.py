@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("errors.py", ("lite_srpo.errors",)),
     ("config/", ("lite_srpo.config",)),
     ("run/", ("lite_srpo.run",)),
-    ("data/", ("lite_srpo.data",)),
+    ("data/", ("lite_srpo.data", "lite_srpo.tasks")),  # tasks: the old import path, re-exported
     ("rewards/", ("lite_srpo.rewards",)),
     ("model/", ("lite_srpo.model",)),
     ("rl/", ("lite_srpo.rl",)),

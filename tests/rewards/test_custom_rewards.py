@@ -268,3 +268,32 @@ def test_a_reward_whose_workers_cannot_start_stops_the_run_naming_it(tiny_qwen, 
     assert time.monotonic() - start < 300
     assert name in str(e.value) and needle in str(e.value), str(e.value)
     assert not [p for p in mp.active_children() if p.name == "lite-srpo-reward"]
+
+
+OLD_STYLE = textwrap.dedent('''
+    from lite_srpo.tasks.base import Sample   # the import README showed before the layered package
+
+    def brevity(response: str, sample: Sample) -> float:
+        return max(0.0, 1.0 - len(response) / 200)
+''')
+
+
+def test_a_reward_file_with_the_old_import_path_still_loads_and_warns(tmp_path, monkeypatch):
+    import importlib
+
+    import lite_srpo.tasks
+    import lite_srpo.tasks.base
+
+    with pytest.warns(DeprecationWarning, match="lite_srpo.data.tasks"):
+        importlib.reload(lite_srpo.tasks)
+    assert lite_srpo.tasks.base.Sample is Sample and lite_srpo.tasks.make_task is make_task
+    (tmp_path / "old_rewards.py").write_text(OLD_STYLE)
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict(tiny_recipe("m", tmp_path, reward__weights={"accuracy": 0.9, "old_rewards.py:brevity": 0.1}))
+    assert "old_rewards.py:brevity" in cfg.reward.weights
+    pool = RewardPool({"b": parse_reward_ref("old_rewards.py:brevity")}, timeout_s=30.0, workers=1)
+    try:  # the worker process ('spawn') imports the file, and the old path, afresh
+        results = pool.run([("b", "x" * 50, make_task("count_shapes", "test", 1, 0)[0])])
+    finally:
+        pool.close()
+    assert not results[0].error and results[0].value == pytest.approx(0.75)
