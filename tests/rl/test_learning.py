@@ -9,8 +9,16 @@ Claim: the mean sampled reward of the last 3 steps exceeds that of the first 2 b
 Measured when this test was written (seed 0): about −0.42 → −0.05 for every algorithm. With the advantage
 sign flipped by hand (`grpo.group_advantages` returning `-centred`), the reward fell instead (the note of
 issue 11 gives the run).
+
+A second test puts accuracy in the reward (accuracy + 0.5 · format) and runs the negative controls inside
+the test: lr = 0 and a flipped advantage must both miss the margin the real run clears. Measured when
+written (seed 0, 2-core EPYC): rise +0.46 real, −0.10 at lr = 0, −0.43 flipped. At this scale the rise is
+carried by the format part: the tiny test model's sampled accuracy stays near 10–15 % over 12–20 steps
+(also on 4 repeated prompts at lr 5e-3), so a margin on accuracy alone is not testable in seconds here.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -40,3 +48,38 @@ def test_sampled_reward_rises(warm_qwen, tmp_path, algorithm):
     assert len(reward) == STEPS
     first, last = float(np.mean(reward[:2])), float(np.mean(reward[-3:]))
     assert last - first >= MARGIN, f"{algorithm}: sampled reward {first:.3f} -> {last:.3f} per step: {reward}"
+
+
+def _reward_trace(warm_qwen, tmp_path, name: str, lr: float) -> list[float]:
+    recipe = tiny_recipe(warm_qwen, tmp_path, name=name, algorithm__name="grpo", model__gradient_checkpointing=False,
+                         reward__weights={"accuracy": 1.0, "format": 0.5}, data__n_train=256, data__n_test=4,
+                         rollout__group_size=8, rollout__prompts_per_step=4, rollout__max_new_tokens=40,
+                         train__micro_batch_size=16, train__logprob_chunk=256, train__steps=STEPS,
+                         train__save_every=0, train__tokens_every=0, optim__lr=max(lr, 1e-3))
+    cfg = config_from_dict(recipe)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))  # a recipe refuses lr = 0
+    torch.manual_seed(0)
+    run = train(cfg, quiet=True)
+    return [e["reward/mean"] for e in read_events(run.run_dir / "events.jsonl") if e["type"] == "metrics"]
+
+
+def _rise(reward: list[float]) -> float:
+    return float(np.mean(reward[-3:]) - np.mean(reward[:2]))
+
+
+@pytest.mark.slow
+def test_a_reward_with_accuracy_rises_and_both_negative_controls_fail_the_same_margin(warm_qwen, tmp_path,
+                                                                                     monkeypatch):
+    """Reward = accuracy + 0.5 · format (+ the overlong penalty). The real run must clear MARGIN; the same
+    run at lr = 0, and with the group advantage's sign flipped, must not: the margin measures learning."""
+    real = _reward_trace(warm_qwen, tmp_path, "real", 2e-3)
+    frozen = _reward_trace(warm_qwen, tmp_path, "lr0", 0.0)
+    from lite_srpo.rl.objectives import grpo
+
+    advantages = grpo.group_advantages
+    monkeypatch.setattr(grpo, "group_advantages", lambda *a, **k: -advantages(*a, **k))
+    flipped = _reward_trace(warm_qwen, tmp_path, "flipped", 2e-3)
+    print(f"rise: real {_rise(real):+.3f}, lr=0 {_rise(frozen):+.3f}, flipped {_rise(flipped):+.3f}")
+    assert _rise(real) >= MARGIN, f"real run: {real}"
+    assert _rise(frozen) < MARGIN, f"lr = 0 cleared the margin: {frozen}"
+    assert _rise(flipped) < MARGIN, f"flipped advantage cleared the margin: {flipped}"
