@@ -174,3 +174,24 @@ def test_new_keys_are_validated():
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             cfg7(**dict([bad.split("=")]))
     assert math.isclose(plan(cfg7(), 24, D7)["peak_gib"], plan(cfg7(**{"train.auto_fit": "true"}), 24, D7)["peak_gib"])
+
+
+def test_auto_fit_on_a_card_applies_the_fit_and_logs_it(monkeypatch, caplog):
+    """A 24 GiB card stood in for (no GPU here): the recipe comes back with --fit's settings."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=24 * GIB))
+    cfg = cfg7(**{"train.auto_fit": "true", "rollout.max_new_tokens": 32768})
+    with caplog.at_level(logging.INFO, logger="lite_srpo.model.memory.fit"):
+        fitted = auto_fit(cfg)
+    expected = fit(cfg, 24.0)
+    assert expected["fits"] and expected["overrides"]
+    for key, value in expected["settings"].items():
+        section, name = key.split(".")
+        assert getattr(getattr(fitted, section), name) == value
+    assert "train.auto_fit: 24.0 GiB card -> " + override_line(expected["overrides"]) in caplog.text
+    assert plan(fitted, 24.0)["fits"] and not plan(cfg, 24.0)["fits"]

@@ -203,7 +203,11 @@ def auto_fit(cfg: RunConfig, ranks: int = 1) -> RunConfig:
         log.info("train.auto_fit: no CUDA device, nothing to fit; the recipe's memory settings are used as written")
         return cfg
     budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-    result = fit(cfg, budget, ranks=ranks)
+    try:
+        result = fit(cfg, budget, ranks=ranks)
+    except LiteSrpoError as exc:  # e.g. a model whose dimensions the planner cannot read
+        log.warning("train.auto_fit: cannot plan this recipe (%s); running it as written", exc)
+        return cfg
     if not result["fits"]:
         log.warning("train.auto_fit: nothing fits %.1f GiB by the plan; running the recipe as written "
                     "(out-of-memory retries lower the micro-batch and generate batch)", budget)
