@@ -321,8 +321,9 @@ def step_with_oom_retry(run: Run, step: int) -> dict:
                 if gen <= 1:
                     raise LiteSrpoError(
                         "out of memory even with micro-batch 1 and one prompt per generate call. Lower "
-                        "rollout.max_new_tokens, rollout.group_size, data.image_size/max pixels or "
-                        "train.logprob_chunk, or turn on model.load_in_4bit; `lite-srpo plan RECIPE` predicts the peak."
+                        "rollout.generation_rows, rollout.max_new_tokens, rollout.group_size, data.image_size/max "
+                        "pixels or train.logprob_chunk, or turn on model.load_in_4bit; `lite-srpo plan RECIPE --fit` "
+                        "finds settings that fit."
                     ) from None
                 run.generation_batch = gen // 2
                 change = f"rollout.generation_batch_size -> {run.generation_batch}"
