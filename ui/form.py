@@ -180,3 +180,36 @@ def preview(cfg: RunConfig, nproc: int = 1) -> tuple[str, str, Path]:
 
     yaml_path = cfg.run_dir / LAUNCH_RECIPE
     return shlex.join(train_command(yaml_path, nproc=nproc)), dump_yaml(cfg), yaml_path
+
+
+def fit_to_card(base: dict, values: list[Any], overrides_text: str, gpu_mem_gib: float | None,
+                nproc: int = 1) -> tuple[str, str]:
+    """The launch tab's "Fit to card": (new "More settings" text, message). The fastest memory settings
+    that fit the card (`lite-srpo plan --fit`) replace any the box already sets; other lines stay."""
+    from lite_srpo.errors import LiteSrpoError
+    from lite_srpo.model.memory.fit import SEARCHED_KEYS, fit, override_line
+
+    kept = []
+    for line in (overrides_text or "").splitlines():
+        body = line.split("#", 1)[0]
+        tokens = [t for t in shlex.split(body) if t.split("=", 1)[0].strip() not in SEARCHED_KEYS]
+        if tokens:
+            kept.append(shlex.join(tokens))
+    kept_text = "\n".join(kept)
+    v = validate(recipe_from_form(base, values, kept_text))
+    if not v.ok:
+        return overrides_text, "**Fit to card:** fix the fields marked in red first."
+    budget = float(gpu_mem_gib or 24)
+    try:
+        result = fit(v.cfg, budget, ranks=max(1, int(nproc or 1)))
+    except (LiteSrpoError, ValueError) as exc:
+        return overrides_text, f"**Fit to card:** cannot plan this recipe: {exc}"
+    if not result["fits"]:
+        return overrides_text, (f"**Nothing fits {budget:g} GiB** at G={result['group_size']} and "
+                                f"{result['response_tokens']} tokens, even with every memory saving: lower the "
+                                "response length or G.")
+    added = override_line(result["overrides"])
+    text = "\n".join(kept + ([added] if added else []))
+    return text, (f"✅ fitted to {budget:g} GiB: " + (f"`{added}`" if added else "the recipe's settings are already "
+                  "the fastest that fit") + f" — planned {result['plan']['needed_gib']:.1f} GiB; longest response "
+                  f"{result['max_response_tokens']} tokens, largest G {result['max_group_size']} with these settings")

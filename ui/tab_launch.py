@@ -12,8 +12,8 @@ import psutil
 from lite_srpo.errors import LiteSrpoError
 
 from . import control
-from .form import (FIELDS, FormField, Validation, errors_for_field, list_recipes, load_form, preview, recipe_from_form,
-                   validate)
+from .form import (FIELDS, FormField, Validation, errors_for_field, fit_to_card, list_recipes, load_form, preview,
+                   recipe_from_form, validate)
 from .process import child_env
 from .views import plan_as_markdown
 
@@ -105,6 +105,9 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
     launch_msg = gr.Markdown(elem_id="launch-msg")
     with gr.Accordion("Predicted peak memory before launch (lite_srpo.model.memory)", open=False,
                       visible=memory_planner() is not None):
+        with gr.Row():
+            fit_btn = gr.Button("Fit to card", elem_id="fit-btn", size="sm", scale=0)
+            fit_msg = gr.Markdown(elem_id="fit-msg")
         plan_md = gr.Markdown(elem_id="plan-md")
     command = gr.Code(label="Command that will run", language="shell", lines=1, interactive=False,
                       elem_id="cmd-preview")
@@ -170,7 +173,14 @@ def build(ctx, run_select: gr.Dropdown, tabs: gr.Tabs) -> None:
             return f"**building the tiny model failed:** {(done.stderr or done.stdout).strip()[-800:]}"
         return f"✅ built a tiny random Qwen2.5-VL in `{path}` (fine for the CPU demo; it learns with SFT warm-up)"
 
+    def do_fit(base: dict, *args: Any) -> list:
+        *values, extra, mem, device, nproc = args
+        if device != "cuda":
+            return [gr.skip(), "**Fit to card** plans a GPU: set *Plan memory for* to cuda."]
+        return list(fit_to_card(base, list(values), extra, mem, processes(nproc)))
+
     inputs = [base_state, *fields, overrides, gpu_mem, plan_device, nproc_box]
+    fit_btn.click(do_fit, inputs, [overrides, fit_msg])  # the overrides' change event refreshes the plan
     model_field = fields[[f.key for f in FIELDS].index("model.path")]
     tiny_btn.click(do_tiny, model_field, launch_msg).then(do_preview, inputs, preview_outputs, show_progress="hidden")
     recipe_dd.change(do_load, [recipe_dd, gpu_mem, plan_device, nproc_box], [base_state, *fields, *preview_outputs],

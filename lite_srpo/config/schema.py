@@ -77,6 +77,11 @@ class RolloutConfig:
     refused with an error rather than accepted and ignored."""
     generation_batch_size: int = 0
     """Prompts per generate call (0 = all of the step's prompts at once)."""
+    generation_rows: int = 0
+    """Most rows (responses) decoded together in one generate call; a group's G samples may then take
+    several calls, and the KV cache holds only this many rows (0 = every row of the call at once). With
+    > 0 each response's sampler is seeded by (seed, step, prompt, sample), so the tokens do not depend on
+    the split."""
 
 
 @dataclass
@@ -200,6 +205,16 @@ class TrainConfig:
     """Rows of the streamed lm_head chunk: peak logits memory is about 4 x chunk x vocab floats. auto (default):
     the largest power of two in [64, 4096] whose update-time logits stay within a quarter of the model's
     weight bytes (lite_srpo/model/chunking.py); or a whole number >= 1."""
+    offload_activations: bool = False
+    """Keep the checkpointed layer inputs in pinned host memory during the update: the card holds about
+    one layer's input (the one being recomputed) instead of layers x tokens x H."""
+    recompute_chunk: int = 0
+    """During the update the (re)computed layer's MLP runs over sequence chunks of this many tokens, so
+    its intermediate exists for one chunk only (0 = off)."""
+    auto_fit: bool = False
+    """At the start of a GPU run, replace the memory settings (generate calls and rows, micro-batch,
+    lm_head chunk, checkpointing, offload, recompute chunk) by the fastest combination `lite-srpo plan
+    --fit` finds for the card; on CPU it does nothing (logged)."""
     seed: int = 0
     save_every: int = 10
     keep_last: int = 3

@@ -26,6 +26,10 @@ def tracker_problems(names: list[str]) -> list[str]:
     return errs
 
 
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def problems(cfg: RunConfig) -> list[str]:
     """Impossible values, each as 'key: value — what is allowed'."""
     errs: list[str] = []
@@ -51,6 +55,13 @@ def problems(cfg: RunConfig) -> list[str]:
     chunk = cfg.train.logprob_chunk
     need(chunk == "auto" or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1),
          "train.logprob_chunk", chunk, "auto or a whole number >= 1")
+    need(_whole(cfg.rollout.generation_rows, 0), "rollout.generation_rows", cfg.rollout.generation_rows,
+         "a whole number >= 0 (0 = every row of the call at once)")
+    need(_whole(cfg.train.recompute_chunk, 0), "train.recompute_chunk", cfg.train.recompute_chunk,
+         "a whole number >= 0 (0 = off)")
+    for key in ("offload_activations", "auto_fit"):
+        value = getattr(cfg.train, key)
+        need(isinstance(value, bool), f"train.{key}", value, "true or false")
     need(cfg.train.save_every >= 0, "train.save_every", cfg.train.save_every, "needs >= 0 (0 = only at the end)")
     need(cfg.train.keep_last >= 1, "train.keep_last", cfg.train.keep_last, "needs >= 1")
     need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "needs >= 1")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..data.splits import load_splits
+from ..model.memory.fit import auto_fit
 from ..run.checkpoint import WARMUP_DIR
 from ..run.distributed import init_from_env, report_failure, shutdown, sync
 from ..run.events import EventWriter
@@ -38,7 +39,8 @@ def with_model_path(cfg: RunConfig, path: str | Path) -> RunConfig:
 def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> Run:
     """One process, or one rank of a torchrun / accelerate job (the launcher's environment says which).
 
-    The SFT warm-up runs on rank 0 alone; the other ranks wait for it and load the same model."""
+    The SFT warm-up runs on rank 0 alone; the other ranks wait for it and load the same model.
+    train.auto_fit then sets the memory settings for this process's card (`model/memory/fit.py`)."""
     ctx = init_from_env()
     try:
         if ctx.is_main:
@@ -46,7 +48,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> R
         sync(ctx)
         if not ctx.is_main:
             warm = ensure_warmup(cfg)  # on disk by now: only the path changes
-        return train(warm, resume=resume, quiet=quiet, ctx=ctx)
+        return train(auto_fit(warm, ranks=ctx.world_size), resume=resume, quiet=quiet, ctx=ctx)
     except Exception as exc:
         failure = report_failure(ctx, exc)  # the other ranks stop too, with this rank's message
         if failure is exc:

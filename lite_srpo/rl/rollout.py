@@ -151,7 +151,8 @@ def pad_token_id(policy: PolicyModel) -> int:
 def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
              batch_prompts: int = 0, sampler: InverseCdfSampler | bool | None = None,
-             seed_of: Callable[[int], int] | None = None) -> RolloutBatch:
+             seed_of: Callable[[int], int] | None = None, batch_rows: int = 0,
+             row_seed_of: Callable[[int, int], int] | None = None) -> RolloutBatch:
     """Sample `group_size` responses per prompt (adapter on, vision special tokens suppressed).
 
     `sampler`: full-distribution sampling (top_p 1, top_k 0) draws tokens by inverse CDF
@@ -159,7 +160,12 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
     False; pass an `InverseCdfSampler` to choose its generator. Truncated sampling uses HF's sampler.
     `seed_of(i)` seeds the sampler before the generate call whose first prompt is `prompts[i]`: the
     samples then depend only on the seed, the step and the prompts, not on what ran before (an
-    evaluation, another rank's share)."""
+    evaluation, another rank's share).
+
+    `batch_rows` > 0 (rollout.generation_rows) decodes each call's rows (prompt-major, G per prompt) in
+    pieces of at most that many, so the KV cache holds only that many rows; `row_seed_of(i, j)` then
+    seeds sample j of prompt i on its own stream, and the tokens do not depend on the split. It needs
+    lite-srpo's sampler or greedy decoding (HF's sampler draws G rows per prompt itself)."""
     pad_id = pad_token_id(policy)
     eos = eos_token_ids(policy)
     chunks = [prompts] if batch_prompts <= 0 else [prompts[i:i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
@@ -180,10 +186,18 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    if batch_rows > 0 and do_sample and not own:
+        raise ValueError("batch_rows (rollout.generation_rows) needs full-distribution sampling (top_p 1, top_k 0) "
+                         "with lite-srpo's sampler, or greedy decoding")
     with policy.policy(), policy.generation_mode():
         for k, chunk in enumerate(chunks):
+            first = k * (batch_prompts if batch_prompts > 0 else 0)
+            if batch_rows > 0:
+                pieces += _generate_rows(policy, chunk, first, group_size if own else 1, batch_rows, pad_id,
+                                         gen_kwargs, sampler if own else None, seed_of, row_seed_of)
+                continue
             if seed_of is not None:
-                torch.manual_seed(seed_of(k * (batch_prompts if batch_prompts > 0 else 0)))
+                torch.manual_seed(seed_of(first))
             rows = [p for p in chunk for _ in range(group_size)] if own else chunk
             inputs, prompt_len = collate(rows, pad_id, device=policy.device)
             out = policy.hf.generate(**inputs, **gen_kwargs)
@@ -197,3 +211,27 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
     texts = [policy.tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response_ids, mask)]
     return RolloutBatch(prompts=prompts, prompt_of=prompt_of, response_ids=response_ids, response_mask=mask,
                         texts=texts, truncated=truncated)
+
+
+def _generate_rows(policy: PolicyModel, chunk: list[PromptInputs], first: int, reps: int, batch_rows: int,
+                   pad_id: int, gen_kwargs: dict[str, Any], sampler: InverseCdfSampler | None,
+                   seed_of: Callable[[int], int] | None,
+                   row_seed_of: Callable[[int, int], int] | None) -> list[torch.Tensor]:
+    """One prompt chunk's rows (prompt-major, `reps` per prompt) in generate calls of at most `batch_rows`
+    rows; with `row_seed_of`, each row samples from its own generator seeded by (prompt, sample)."""
+    rows = [(i, j) for i in range(len(chunk)) for j in range(reps)]
+    out_pieces = []
+    for start in range(0, len(rows), batch_rows):
+        piece = rows[start:start + batch_rows]
+        if sampler is not None and row_seed_of is not None:
+            sampler.row_generators = [torch.Generator().manual_seed(row_seed_of(first + i, j)) for i, j in piece]
+        elif seed_of is not None:
+            torch.manual_seed(seed_of(first + piece[0][0]))
+        inputs, prompt_len = collate([chunk[i] for i, _ in piece], pad_id, device=policy.device)
+        try:
+            out = policy.hf.generate(**inputs, **gen_kwargs)
+        finally:
+            if sampler is not None:
+                sampler.row_generators = None
+        out_pieces.append(out[:, prompt_len:].cpu())
+    return out_pieces

@@ -33,6 +33,9 @@ class InverseCdfSampler:
         self.temperature = temperature
         self.generator = generator
         self.uniforms: list[torch.Tensor] | None = [] if record else None  # the draws, for tests
+        self.row_generators: list[torch.Generator] | None = None
+        """One CPU generator per row of the current generate call (rollout.generation_rows > 0): row i's
+        uniform comes from its own stream, so a response's tokens do not depend on which rows share its call."""
         self.suppress = list(suppress or [])
         """Token ids never drawn (vision special tokens). Setting their few columns to -inf here replaces
         HF's SuppressTokensLogitsProcessor, which builds a vocabulary-sized mask and `where` at every step."""
@@ -44,7 +47,13 @@ class InverseCdfSampler:
             scores = scores.index_fill(1, ids[ids < scores.shape[-1]], float("-inf"))
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
-        u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device, generator=self.generator)
+        if self.row_generators is not None:
+            if len(self.row_generators) != scores.shape[0]:
+                raise ValueError(f"{len(self.row_generators)} row generators for {scores.shape[0]} rows")
+            u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g) for g in self.row_generators])
+            u = u.to(scores.device)[:, None]
+        else:
+            u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device, generator=self.generator)
         if self.uniforms is not None:
             self.uniforms.append(u.squeeze(1).cpu())
         idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)

@@ -28,8 +28,8 @@ from ..run.events import EventWriter, NullEvents
 from ..run.plot import write_curves
 from ..run.preflight import check_disk_space, check_output_dir, checkpoint_bytes
 from ..run.progress import Progress
-from ..run.runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, restore_before_step, sampling_seed,
-                           seed_everything, state_before_step)
+from ..run.runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, restore_before_step, row_sampling_seed,
+                           sampling_seed, seed_everything, state_before_step)
 from ..run.trackers import open_trackers
 from .algorithms import ALGORITHM_SPECS, ShapeInputs, Shaping, old_pass_needed
 from .data_parallel import (StepShare, exchange, local_rows, merge_stats, pad_batch, passes_share, rank_share,
@@ -206,7 +206,9 @@ def rl_step(run: Run, step: int) -> dict:
     t0 = time.perf_counter()
     batch = generate(policy, prompts, cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.rollout.temperature,
                      cfg.rollout.top_p, cfg.rollout.top_k, batch_prompts=run.generation_batch,
-                     seed_of=lambda i: sampling_seed(cfg.train.seed, step, first + i))
+                     seed_of=lambda i: sampling_seed(cfg.train.seed, step, first + i),
+                     batch_rows=cfg.rollout.generation_rows,
+                     row_seed_of=lambda i, j: row_sampling_seed(cfg.train.seed, step, first + i, j))
     batch.first_prompt = first
     t_gen = time.perf_counter() - t0
 
@@ -319,8 +321,9 @@ def step_with_oom_retry(run: Run, step: int) -> dict:
                 if gen <= 1:
                     raise LiteSrpoError(
                         "out of memory even with micro-batch 1 and one prompt per generate call. Lower "
-                        "rollout.max_new_tokens, rollout.group_size, data.image_size/max pixels or "
-                        "train.logprob_chunk, or turn on model.load_in_4bit; `lite-srpo plan RECIPE` predicts the peak."
+                        "rollout.generation_rows, rollout.max_new_tokens, rollout.group_size, data.image_size/max "
+                        "pixels or train.logprob_chunk, or turn on model.load_in_4bit; `lite-srpo plan RECIPE --fit` "
+                        "finds settings that fit."
                     ) from None
                 run.generation_batch = gen // 2
                 change = f"rollout.generation_batch_size -> {run.generation_batch}"

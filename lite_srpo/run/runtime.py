@@ -46,6 +46,12 @@ def sampling_seed(seed: int, step: int, prompt_index: int) -> int:
     return int(np.random.SeedSequence([seed, step, prompt_index]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def row_sampling_seed(seed: int, step: int, prompt_index: int, sample: int) -> int:
+    """The sampler's seed for one response (rollout.generation_rows > 0): sample `sample` of the step's
+    `prompt_index`-th prompt, whichever generate call decodes it."""
+    return int(np.random.SeedSequence([seed, step, prompt_index, sample]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def seed_everything(seed: int) -> None:
     import random
 

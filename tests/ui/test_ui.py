@@ -182,6 +182,23 @@ def test_form_roundtrip_and_yaml_is_the_config():
     assert config_from_dict(yaml.safe_load(text)) == v.cfg
 
 
+def test_fit_to_card_fills_the_settings_box_with_the_fastest_fit():
+    from lite_srpo.model.memory.plan import plan
+
+    base, values = form.load_form(DEMO.parent / "qwen2_5_vl_7b_srpo_24gb.yaml")
+    values[form.FIELD_KEYS.index("rollout.max_new_tokens")] = 32768
+    extra = "algorithm.srpo.lam=0.3 train.micro_batch_size=2  # mine\ntrain.recompute_chunk=4"
+    assert not plan(form.validate(form.recipe_from_form(base, values, extra)).cfg, 24.0)["fits"]
+    text, message = form.fit_to_card(base, values, extra, 24, 1)
+    assert message.startswith("✅ fitted to 24 GiB") and "longest response" in message
+    assert "algorithm.srpo.lam=0.3" in text and "train.micro_batch_size=2" not in text
+    assert "train.recompute_chunk=4" not in text
+    v = form.validate(form.recipe_from_form(base, values, text))
+    assert v.ok and v.cfg.algorithm.srpo.lam == 0.3 and plan(v.cfg, 24.0)["fits"]
+    same, message = form.fit_to_card(base, values, extra, 4, 1)
+    assert same == extra and "Nothing fits 4 GiB" in message
+
+
 def test_processes_field_becomes_nproc_and_must_divide_the_prompts(tmp_path):
     """The form's Processes field: the command gets `--nproc N`, a count that does not divide the
     prompts per step is refused before anything is written, and a multi-process run records N (resume)."""

@@ -18,14 +18,15 @@ from dataclasses import asdict
 from ...config import RunConfig
 from ...errors import ConfigError
 from ..dims import ModelDims, as_dims, load_model_dims
-from .terms import GIB, Term, compute_bytes, logprob_chunk, per_rank_config, phase_terms, prompt_length
+from .terms import (GIB, Term, compute_bytes, generation_rows, logprob_chunk, per_rank_config, phase_terms,
+                    prompt_length)
 
 CUDA_CONTEXT_GIB = 0.50  # CUDA context + cuBLAS/cuDNN handles: outside max_memory_allocated, inside the card
 CUDA_ALLOCATOR_SLACK = 1.07  # reserved / allocated (fragmentation of the caching allocator)
 
 
 def sum_phases(terms: list[Term], device: str) -> tuple[float, dict[str, float], str]:
-    """Peak = fixed + the largest phase."""
+    """Peak = fixed + the largest phase (`host` terms are not on the device)."""
     fixed = sum(t.gib for t in terms if t.phase == "fixed")
     phases = {p: fixed + sum(t.gib for t in terms if t.phase == p) for p in ("generation", "passes", "update")}
     worst = max(phases, key=phases.get)
@@ -49,12 +50,15 @@ def _largest(fits, lo: int, hi: int) -> int | None:
 
 
 def plan(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims | None = None, *,
-         device: str = "cuda", prompt_tokens: int | None = None, ranks: int = 1) -> dict:
+         device: str = "cuda", prompt_tokens: int | None = None, ranks: int = 1,
+         dense_mask: bool | None = None) -> dict:
     """Predicted peak memory of one training step of `cfg` on `device` against a `gpu_mem_gib` budget.
 
     Returns the breakdown (`terms`), the peak per phase, whether it fits, and the largest group size
     and response length that fit with everything else unchanged. With `ranks` > 1 every figure is per
     rank (per GPU): each holds the model and samples prompts_per_step / ranks prompts x G responses.
+    `dense_mask`: None = the [L, L] mask only where it is built (eager attention, padded micro-batches);
+    True counts it always (the code before the causal-flag change), for comparisons.
     """
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"device {device!r}: choose cuda or cpu")
@@ -64,13 +68,13 @@ def plan(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims
     dims = as_dims(model_dims, cfg.model.path) if model_dims is not None else load_model_dims(cfg.model.path)
     prompt, img, prompt_how = prompt_length(cfg, dims, prompt_tokens)
     g, r = cfg.rollout.group_size, cfg.rollout.max_new_tokens
-    terms = phase_terms(cfg, dims, device, prompt, g, r, ranks)
+    terms = phase_terms(cfg, dims, device, prompt, g, r, ranks, dense_mask)
     peak, phases, worst = sum_phases(terms, device)
     needed = _needed(peak, device)
     local_prompts = cfg.rollout.prompts_per_step // ranks
 
     def fits_with(group: int, resp: int) -> bool:
-        terms_at = phase_terms(cfg, dims, device, prompt, group, resp, ranks)
+        terms_at = phase_terms(cfg, dims, device, prompt, group, resp, ranks, dense_mask)
         return _needed(sum_phases(terms_at, device)[0], device) <= gpu_mem_gib
 
     logits = max(t.gib for t in terms if t.name.startswith("streamed lm_head"))
@@ -88,9 +92,13 @@ def plan(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims
                   "logprob_chunk": logprob_chunk(cfg, dims, device),
                   "logprob_chunk_setting": cfg.train.logprob_chunk, "load_in_4bit": cfg.model.load_in_4bit,
                   "compute_bytes": compute_bytes(cfg, device),
-                  "gradient_checkpointing": cfg.model.gradient_checkpointing},
+                  "gradient_checkpointing": cfg.model.gradient_checkpointing,
+                  "generation_rows": generation_rows(cfg, g), "generation_rows_setting": cfg.rollout.generation_rows,
+                  "offload_activations": cfg.train.offload_activations, "recompute_chunk": cfg.train.recompute_chunk,
+                  "attn_implementation": cfg.model.attn_implementation},
         "terms": [asdict(t) for t in terms],
         "phases": phases, "peak_phase": worst, "peak_gib": peak, "logits_gib": logits,
+        "host_gib": sum(t.gib for t in terms if t.phase == "host"),
         "full_logits_gib": g * local_prompts * r * dims.vocab * 4 / GIB,
         "needed_gib": needed, "budget_gib": gpu_mem_gib, "fits": needed <= gpu_mem_gib,
         "max_group_size": _largest(lambda x: fits_with(x, r), 2, 4096),

@@ -24,6 +24,9 @@ def format_plan(p: dict) -> str:
         f"{s['prompt_tokens']} tokens ({s['prompt_how']}); responses {s['response_tokens']} tokens; micro-batch "
         f"{s['micro_batch']}; lm_head chunk {s['logprob_chunk']}{' (auto)' if s.get('logprob_chunk_setting') == 'auto' else ''}; "
         f"{'4-bit NF4' if s['load_in_4bit'] else 'unquantized'} base, {s['compute_bytes']}-byte compute",
+        f"memory settings: at most {s['generation_rows']} rows per generate call; gradient checkpointing "
+        f"{'on' if s['gradient_checkpointing'] else 'off'}; offload_activations {str(s['offload_activations']).lower()}; "
+        f"recompute_chunk {s['recompute_chunk'] or 'off'}; attention {s['attn_implementation']}",
         *([f"ranks: {s['ranks']} processes (one per GPU); each samples {s['prompts_per_rank']} prompt(s) x G="
            f"{s['group_size']} = {s['responses_per_rank']} responses and holds the whole model: every figure "
            "below is per rank (NCCL's own buffers are not modelled)"] if s.get("ranks", 1) > 1 else []),
@@ -42,6 +45,8 @@ def format_plan(p: dict) -> str:
                      f"(x{CUDA_ALLOCATOR_SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context)")
     else:
         lines.append(f"peak RSS {p['peak_gib']:.2f} GiB")
+    if p.get("host_gib"):
+        lines.append(f"pinned host memory for offloaded activations: {p['host_gib']:.2f} GiB (RAM, not on the card)")
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"
     lines.append(f"{verdict} in {p['budget_gib']:.1f} GiB")
     lines.append(f"streamed logits: {p['logits_gib']:.2f} GiB (full [tokens x vocab] fp32 logits would be "
@@ -67,7 +72,7 @@ def parse_memory(text: str) -> float:
 
 
 def plan_main(argv: list[str] | None = None) -> int:
-    """`lite-srpo plan RECIPE [key=value ...] [--gpu-mem 24GiB] [--device cuda|cpu] [--json]`."""
+    """`lite-srpo plan RECIPE [key=value ...] [--gpu-mem 24GiB] [--device cuda|cpu] [--json] [--fit [--response-len N]]`."""
     ap = argparse.ArgumentParser(prog="lite-srpo plan",
                                  description="Predict the peak memory of a training step before launch.")
     ap.add_argument("recipe")
@@ -80,6 +85,11 @@ def plan_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=1, metavar="N",
                     help="data-parallel processes: plan the memory of one rank (prompts_per_step / N prompts each)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    ap.add_argument("--fit", action="store_true",
+                    help="search the fastest memory settings that fit the card (generate calls and rows, micro-batch, "
+                         "lm_head chunk, checkpointing, offload, recompute chunk) and print the overrides to paste")
+    ap.add_argument("--response-len", type=int, default=None, metavar="N",
+                    help="with --fit: fit rollout.max_new_tokens=N instead of the recipe's length")
     a = ap.parse_args(argv)
     try:
         cfg = load_config(a.recipe, a.overrides)
@@ -87,6 +97,16 @@ def plan_main(argv: list[str] | None = None) -> int:
         if device == "auto":
             device = "cuda" if a.gpu_mem is not None or _cuda_available() else "cpu"
         budget = parse_memory(a.gpu_mem) if a.gpu_mem is not None else (24.0 if device == "cuda" else _ram_gib())
+        if a.response_len is not None and not a.fit:
+            raise ConfigError("--response-len needs --fit (to plan another length: rollout.max_new_tokens=N)")
+        if a.fit:
+            from .fit import fit, format_fit
+
+            found = fit(cfg, budget, device=device, prompt_tokens=a.prompt_tokens, ranks=a.nproc,
+                        response_tokens=a.response_len)
+            print(json.dumps(found, indent=2) if a.json else f"lite-srpo plan --fit {a.recipe}\n"
+                  + format_fit(found, " ".join([a.recipe, *a.overrides])))
+            return 0 if found["fits"] else 1
         result = plan(cfg, budget, device=device, prompt_tokens=a.prompt_tokens, ranks=a.nproc)
     except LiteSrpoError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,13 +19,14 @@ CPU_HEAP_RETAINED_LAYERS = 1.0  # fitted on 24 CPU runs (bench/results): freed h
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # larger blocks are mmapped and given back to the OS when freed
 LOGITS_COPIES_NOGRAD = 2.0  # measured: fp32 [chunk, V] logits + the logsumexp temporary
 GEN_LOGITS_COPIES = 5  # generate: fp32 last-token logits, processors, softmax, sampling buffers
+OFFLOAD_DEVICE_LAYERS = 2  # offloaded checkpoints: the layer input being recomputed + the next one in transfer
 TEXT_PROMPT_TOKENS = 150  # chat template + question + format instructions of the procedural tasks (tiny tokenizer)
 
 
 @dataclass
 class Term:
     name: str
-    phase: str  # fixed | generation | passes | update
+    phase: str  # fixed | generation | passes | update | host (pinned host memory, not on the card)
     gib: float
     how: str
 
@@ -71,16 +72,32 @@ def prompt_length(cfg: RunConfig, dims: ModelDims, prompt_tokens: int | None) ->
     return cfg.data.max_prompt_length, None, "data.max_prompt_length (image tokens included; the longest prompt kept)"
 
 
+def generation_rows(cfg: RunConfig, group_size: int) -> int:
+    """Rows one generate call decodes together: G x prompts per call, capped by rollout.generation_rows."""
+    gen_prompts = cfg.rollout.generation_batch_size or cfg.rollout.prompts_per_step
+    rows = group_size * min(gen_prompts, cfg.rollout.prompts_per_step)
+    return min(rows, cfg.rollout.generation_rows) if cfg.rollout.generation_rows > 0 else rows
+
+
+def has_dense_mask(cfg: RunConfig, micro_batch: int, dense_mask: bool | None = None) -> bool:
+    """Whether a forward materialises an [L, L] attention mask: eager attention always; SDPA/flash with
+    a causal flag only when rows of different lengths share a micro-batch (padding). `dense_mask`
+    forces the answer (True: the code before the causal-flag change, which built it for every batch)."""
+    if dense_mask is not None:
+        return dense_mask
+    return cfg.model.attn_implementation == "eager" or micro_batch > 1
+
+
 def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group_size: int,
-                 response: int, ranks: int = 1) -> list[Term]:
+                 response: int, ranks: int = 1, dense_mask: bool | None = None) -> list[Term]:
     """Every term of the plan for a given G and response length (all in GiB), on one rank of `ranks`:
-    a rank holds the whole model and adapter but samples and scores only prompts_per_step / ranks prompts."""
+    a rank holds the whole model and adapter but samples and scores only prompts_per_step / ranks prompts.
+    Terms in phase `host` (pinned host memory of offloaded activations) are not on the card."""
     cfg = per_rank_config(cfg, ranks)
     b = compute_bytes(cfg, device)
     v, h, i, n_layers, kvd = dims.vocab, dims.hidden, dims.intermediate, dims.layers, dims.kv_dim
     n_rows = group_size * cfg.rollout.prompts_per_step
-    gen_prompts = cfg.rollout.generation_batch_size or cfg.rollout.prompts_per_step
-    gen_rows = group_size * min(gen_prompts, cfg.rollout.prompts_per_step)
+    gen_rows = generation_rows(cfg, group_size)
     m = min(cfg.train.micro_batch_size, n_rows)
     s = prompt + response
     chunk = min(logprob_chunk(cfg, dims, device), m * response)
@@ -123,8 +140,10 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
         add("gradient all-reduce buffer", "update", lora * 4, f"{lora / 1e6:.1f}M LoRA grads x fp32, one flat copy")
 
     # generation: all rows of one generate call decode together
+    cap = f", rollout.generation_rows={cfg.rollout.generation_rows}" if cfg.rollout.generation_rows > 0 else ""
     add("KV cache", "generation", gen_rows * s * n_layers * 2 * kvd * b * (1 + 1 / n_layers),
-        f"{gen_rows} rows x {s} tokens x {n_layers} layers x 2 x {kvd} x {b} B (+1 layer while it grows)")
+        f"{gen_rows} row(s) per generate call{cap} x {s} tokens x {n_layers} layers x 2 x {kvd} x {b} B "
+        "(+1 layer while it grows)")
     add("prefill activations (one layer, no grad)", "generation",
         gen_rows * prompt * ((4 * h + 2 * kvd + 3 * i) * b + prompt * (1 + b)),
         f"{gen_rows} rows x {prompt} prompt tokens, incl. the [P, P] attention mask")
@@ -134,7 +153,9 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
     # scoring passes (no grad), one micro-batch at a time
     add("one layer's activations (no grad)", "passes", m * s * ((4 * h + 2 * kvd + 3 * i) * b + 3 * h * b),
         f"micro-batch {m} x {s} tokens")
-    add("attention mask", "passes", m * s * s * (1 + b), f"{m} x {s}^2 x (bool + {b} B)")
+    masked = has_dense_mask(cfg, m, dense_mask)
+    mask_bytes, mask_how = _mask(masked, cfg, m, s, b)
+    add("[L, L] attention mask", "passes", mask_bytes, mask_how)
     add("streamed lm_head chunk", "passes", chunk * v * 4 * LOGITS_COPIES_NOGRAD,
         f"chunk {chunk} x V={v} x fp32 x {LOGITS_COPIES_NOGRAD:g} (independent of G and length)")
     if cfg.algorithm.name == "vgpo" and device == "cpu":
@@ -143,14 +164,29 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
     # policy update (grad), one micro-batch at a time
     per_layer = (7 * h + 2 * kvd + 4 * i) * b + 8 * h  # anchors.md §5, plus the fp32 RMSNorm copies
     if cfg.model.gradient_checkpointing:
-        add("checkpointed layer inputs", "update", m * s * n_layers * h * b,
-            f"{m} x {s} tokens x {n_layers} layers x H={h} x {b} B")
-        add("one layer recomputed for backward", "update", m * s * per_layer,
-            f"{m} x {s} x (7H + 2kv + 4I) x {b} B")
+        inputs = m * s * n_layers * h * b
+        if cfg.train.offload_activations and device == "cuda":
+            add("checkpointed layer inputs (offloaded: on the card)", "update", OFFLOAD_DEVICE_LAYERS * m * s * h * b,
+                f"{OFFLOAD_DEVICE_LAYERS} layers (the one recomputed + one in transfer) x {m} x {s} x H={h} x {b} B")
+            add("checkpointed layer inputs (offloaded: pinned host memory)", "host", inputs,
+                f"{m} x {s} tokens x {n_layers} layers x H={h} x {b} B, not on the card")
+        else:
+            add("checkpointed layer inputs", "update", inputs,
+                f"{m} x {s} tokens x {n_layers} layers x H={h} x {b} B"
+                + (" (offload changes nothing on CPU: host memory is the device)" if cfg.train.offload_activations else ""))
+        rc = cfg.train.recompute_chunk
+        if rc > 0:
+            add("one layer recomputed for backward", "update", m * s * (per_layer - 4 * i * b) + m * min(rc, s) * 4 * i * b,
+                f"{m} x {s} x ((7H + 2kv) x {b} + 8H) B + MLP over chunks: {m} x {min(rc, s)} x 4I x {b} B "
+                f"(train.recompute_chunk={rc})")
+        else:
+            add("one layer recomputed for backward", "update", m * s * per_layer,
+                f"{m} x {s} x ((7H + 2kv + 4I) x {b} + 8H) B")
     else:
         add("activations of every layer", "update", m * s * n_layers * per_layer,
-            f"{m} x {s} x {n_layers} layers x (7H + 2kv + 4I) x {b} B (no gradient checkpointing)")
-    add("attention mask", "update", m * s * s * (1 + b), f"{m} x {s}^2 x (bool + {b} B)")
+            f"{m} x {s} x {n_layers} layers x ((7H + 2kv + 4I) x {b} + 8H) B (no gradient checkpointing; "
+            "offload and recompute_chunk act on checkpointed layers only)")
+    add("[L, L] attention mask", "update", mask_bytes, mask_how)
     add("final hidden states + their grads", "update", m * s * h * (2 * b + 8), f"{m} x {s} x H")
     grad_copies = LOGITS_COPIES_GRAD[4 if b == 4 else 2]
     add("streamed lm_head chunk (with backward)", "update", chunk * v * 4 * grad_copies,
@@ -162,6 +198,13 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
         add("freed heap kept by the C allocator", "update", _cpu_heap_retained(m * s, h, kvd, i, b),
             f"~{CPU_HEAP_RETAINED_LAYERS:g} layer-activation set(s) of blocks under 32 MiB (glibc, fitted)")
     return terms
+
+
+def _mask(masked: bool, cfg: RunConfig, m: int, s: int, b: int) -> tuple[float, str]:
+    if masked:
+        why = "eager attention" if cfg.model.attn_implementation == "eager" else "padded micro-batch"
+        return m * s * s * (1 + b), f"{m} x {s}^2 x (bool + {b} B) ({why})"
+    return 0.0, f"none: {cfg.model.attn_implementation} attention with a causal flag, one unpadded row"
 
 
 def _cpu_heap_retained(tokens: int, h: int, kvd: int, i: int, b: int) -> float:
