@@ -116,9 +116,7 @@ def load_eval_data(specs: list[str], *, benchmark: str = "auto", image_root: str
     for spec in specs:
         path = Path(spec).expanduser()
         if is_hub_uri(spec):
-            if benchmark != "auto":
-                raise ConfigError(f"--benchmark {benchmark} applies to files; for {spec} name the columns with "
-                                  "--columns (or the recipe's data.columns), or leave them to detection")
+            _check_hub_benchmark(spec, benchmark)
             samples = load_data_source(spec, key="--data", image_root=image_root or hub_image_root, columns=columns,
                                        default_split="test")[:limit]
             ref = parse_hub_uri(spec)
@@ -138,6 +136,12 @@ def load_eval_data(specs: list[str], *, benchmark: str = "auto", image_root: str
             unique, k = f"{name}#{k}", k + 1
         out.append((unique, samples))
     return out
+
+
+def _check_hub_benchmark(spec: str, benchmark: str) -> None:
+    if benchmark != "auto":
+        raise ConfigError(f"--benchmark {benchmark} applies to files; for {spec} name the columns with --columns "
+                          "(or the recipe's data.columns), or leave them to detection")
 
 
 def summarize(per_dataset: dict[str, dict]) -> dict:
@@ -259,6 +263,11 @@ def _check_args(a: argparse.Namespace) -> Protocol:
         raise ConfigError(f"--temperature {a.temperature}: needs > 0")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
+    for spec in a.data:  # before any model loads
+        if is_hub_uri(spec):
+            parse_hub_uri(spec)
+            _check_hub_benchmark(spec, a.benchmark)
+    parse_columns(a.columns)
     return protocol
 
 

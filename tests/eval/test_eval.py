@@ -203,8 +203,11 @@ def test_hub_data_goes_through_the_training_loader(run_dir, known_half, tmp_path
     assert eval_main([str(mapped), "--data", "hf://org/name:default@test", "--limit", "3", *args]) == 0
     res = json.loads((mapped / "eval" / "step_000001-greedy.json").read_text())["datasets"]
     assert calls[-1] == ("org/name", "default", "test")
-    assert res["org/name:default@test"]["n_samples"] == 3 and res["org/name:default@test"]["accuracy"] == pytest.approx(2 / 3)
+    hub = res["org/name:default@test"]
+    assert hub["n_samples"] == 3 and hub["accuracy"] == pytest.approx(2 / 3)
     with pytest.raises(ConfigError, match="--columns 'picture=pic'"):
         eval_main([str(run_dir), "--data", "hf://org/name", "--columns", "picture=pic"])
     with pytest.raises(ConfigError, match="--benchmark mathvista applies to files"):
         eval_main([str(run_dir), "--data", "hf://org/name", "--benchmark", "mathvista"])
+    with pytest.raises(DataError, match=r"expected hf://ORG/NAME\[:CONFIG\]\[@SPLIT\]"):
+        eval_main([str(run_dir), "--data", "hf://just-a-name"])

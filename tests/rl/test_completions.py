@@ -46,7 +46,8 @@ def test_completion_rows_assemble_one_row_per_response():
     assert [list(r) for r in rows] == [["prompt", "sample", "image", "question", "answer", "response", "reward",
                                         "reward/accuracy", "reward/format", "advantage", "weight/perception",
                                         "weight/reasoning"]] * 3
-    assert [(r["prompt"], r["sample"], r["question"]) for r in rows] == [(0, 0, "Q2"), (1, 0, "How many?"), (0, 1, "Q2")]
+    assert [(r["prompt"], r["sample"], r["question"]) for r in rows] == [(0, 0, "Q2"), (1, 0, "How many?"),
+                                                                         (0, 1, "Q2")]
     assert [r["response"] for r in rows] == ["[P]a[/P][R]b[/R]", "cd", "[R]ef[/R]"]
     assert rows[0]["image"] is None and rows[1]["image"].size == (256, 128)  # a thumbnail, not the original
     assert big.size == (1000, 500)
@@ -66,8 +67,8 @@ def test_markdown_table_escapes_what_tensorboard_would_render():
     table = markdown_table(rows).splitlines()
     assert table[0] == "| prompt | sample | image | question | answer | response | reward | advantage |"
     assert table[1] == "|---|---|---|---|---|---|---|---|"
-    assert table[2] == ("| 0 | 0 | completions/prompt\\_0 | a\\|b | 1 | &lt;think&gt;\\[R\\]x\\*2\\_y<br>z\\[/R\\]&lt;/think&gt; "
-                        "| 0.25 | 1 |")
+    assert table[2] == ("| 0 | 0 | completions/prompt\\_0 | a\\|b | 1 | "
+                        "&lt;think&gt;\\[R\\]x\\*2\\_y<br>z\\[/R\\]&lt;/think&gt; | 0.25 | 1 |")
 
 
 def test_log_completions_every_is_validated(tmp_path):
