@@ -228,6 +228,9 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that get the same metrics as events.jsonl: tensorboard | wandb (wandb honours
     WANDB_MODE=offline, WANDB_PROJECT)."""
+    log_completions_every: int = 0
+    """Every N steps, send the trackers a table of a few sampled responses (image, role-marked response,
+    reward parts, advantage, SRPO weight per role); 0 = never. Needs train.report_to."""
 
 
 @dataclass

@@ -64,6 +64,11 @@ def problems(cfg: RunConfig) -> list[str]:
         need(isinstance(value, bool), f"train.{key}", value, "true or false")
     need(cfg.train.save_every >= 0, "train.save_every", cfg.train.save_every, "needs >= 0 (0 = only at the end)")
     need(cfg.train.keep_last >= 1, "train.keep_last", cfg.train.keep_last, "needs >= 1")
+    need(cfg.train.log_completions_every >= 0, "train.log_completions_every", cfg.train.log_completions_every,
+         "needs >= 0 (0 = off)")
+    if cfg.train.log_completions_every > 0 and not cfg.train.report_to:
+        errs.append(f"train.log_completions_every: {cfg.train.log_completions_every} sends tables to trackers, but "
+                    "train.report_to is empty — add tensorboard or wandb to it, or set 0")
     need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "needs >= 1")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", cfg.lora.dropout, "needs 0 <= dropout < 1")
     # Sampling and scoring must be the same policy: the old log-probs, the ratio and every role score

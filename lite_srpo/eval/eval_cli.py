@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from ..config import LoraConfig, ModelConfig, RunConfig
+from ..config.hub_uri import is_hub_uri, parse_hub_uri
+from ..data.hub import load_data_source
 from ..data.prompts import TEMPLATES, ResponseFormat
 from ..data.splits import load_splits
 from ..data.tasks import TASKS, load_benchmark, make_task
@@ -103,13 +105,23 @@ def _adapter_base(adapter_dir: Path) -> str:
 
 
 def load_eval_data(specs: list[str], *, benchmark: str = "auto", image_root: str | None = None,
-                   limit: int | None = None, n_task: int = 100, seed: int = 0,
-                   image_size: int = 56) -> list[tuple[str, list[Sample]]]:
-    """(name, samples) per `--data`: a benchmark/dataset file or folder, or a procedural task's test split."""
+                   limit: int | None = None, n_task: int = 100, seed: int = 0, image_size: int = 56,
+                   columns: dict[str, str] | None = None,
+                   hub_image_root: str | None = None) -> list[tuple[str, list[Sample]]]:
+    """(name, samples) per `--data`: a benchmark/dataset file or folder, a procedural task's test split, or a
+    hub dataset `hf://ORG/NAME[:CONFIG][@SPLIT]` (split default `test`), loaded as training loads one: the
+    same loader, `columns` (the recipe's `data.columns` or `--columns`), benchmark detection without them;
+    relative image paths resolve against `image_root`, else `hub_image_root` (the recipe's), else the cwd."""
     out: list[tuple[str, list[Sample]]] = []
     for spec in specs:
         path = Path(spec).expanduser()
-        if path.exists():
+        if is_hub_uri(spec):
+            _check_hub_benchmark(spec, benchmark)
+            samples = load_data_source(spec, key="--data", image_root=image_root or hub_image_root, columns=columns,
+                                       default_split="test")[:limit]
+            ref = parse_hub_uri(spec)
+            name = f"{ref.repo}{':' + ref.config if ref.config else ''}@{ref.split or 'test'}"
+        elif path.exists():
             samples = load_benchmark(path, benchmark, image_root, limit=limit)
             name = path.stem if path.is_file() else path.name
         elif spec in TASKS:
@@ -124,6 +136,12 @@ def load_eval_data(specs: list[str], *, benchmark: str = "auto", image_root: str
             unique, k = f"{name}#{k}", k + 1
         out.append((unique, samples))
     return out
+
+
+def _check_hub_benchmark(spec: str, benchmark: str) -> None:
+    if benchmark != "auto":
+        raise ConfigError(f"--benchmark {benchmark} applies to files; for {spec} name the columns with --columns "
+                          "(or the recipe's data.columns), or leave them to detection")
 
 
 def summarize(per_dataset: dict[str, dict]) -> dict:
@@ -191,8 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="MODEL_OR_RUN_OR_CHECKPOINT",
                    help="runs/<name>, a checkpoint dir, an exported adapter or model dir, or a hub id")
     p.add_argument("--data", action="append", default=[], metavar="PATH_OR_TASK",
-                   help="benchmark/dataset file or folder, or a procedural task name (repeatable); "
+                   help="benchmark/dataset file or folder, a procedural task name, or a hub dataset "
+                        "hf://ORG/NAME[:CONFIG][@SPLIT] (split default test) (repeatable); "
                         "default for a run: its held-out split")
+    p.add_argument("--columns", default=None, metavar="FIELD=COLUMN,...",
+                   help="column names of hf:// data (image, question, answer, choices), as data.columns; "
+                        "default: the recipe's data.columns")
     p.add_argument("--benchmark", default="auto", choices=BENCHMARK_NAMES, help="column mapping of --data files")
     p.add_argument("--image-root", default=None, help="folder that relative image paths resolve against")
     p.add_argument("--limit", type=int, default=None, help="at most this many samples per dataset")
@@ -214,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_columns(text: str | None) -> dict[str, str] | None:
+    """`--columns image=pic,question=query` → the `data.columns` mapping (None when not given)."""
+    if text is None:
+        return None
+    out: dict[str, str] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        field_name, sep, column = part.partition("=")
+        if not sep or field_name not in ("image", "question", "answer", "choices") or not column:
+            raise ConfigError(f"--columns {part!r}: write FIELD=COLUMN with FIELD one of image, question, answer, "
+                              "choices")
+        out[field_name] = column
+    return out
+
+
 def _check_args(a: argparse.Namespace) -> Protocol:
     try:
         protocol = Protocol.parse(a.protocol, a.temperature)
@@ -227,6 +263,11 @@ def _check_args(a: argparse.Namespace) -> Protocol:
         raise ConfigError(f"--temperature {a.temperature}: needs > 0")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
+    for spec in a.data:  # before any model loads
+        if is_hub_uri(spec):
+            parse_hub_uri(spec)
+            _check_hub_benchmark(spec, a.benchmark)
+    parse_columns(a.columns)
     return protocol
 
 
@@ -235,11 +276,12 @@ def evaluate_source(source: str, data: list[str] | None = None, *, protocol: Pro
                     n_task: int = 100, max_new_tokens: int | None = None, batch_size: int = 16,
                     template: str | None = None, answer_fallback: str | None = None, base: str | None = None,
                     load_in_4bit: bool | None = None, dtype: str = "auto", device: torch.device | None = None,
-                    seed: int = 0) -> tuple[dict, EvalModel]:
+                    seed: int = 0, columns: dict[str, str] | None = None) -> tuple[dict, EvalModel]:
     """Load `source` and evaluate it on `data` (default for a run: its held-out split) under `protocol`.
 
     What is not given comes from the source's recipe when it has one (template, tags, max_new_tokens,
-    answer_fallback), else the command's defaults. Returns the results and the model they belong to."""
+    answer_fallback; data.columns and data.image_root for hf:// data), else the command's defaults.
+    Returns the results and the model they belong to."""
     path = Path(source).expanduser()
     if not data and not (path.is_dir() and (_looks_like_run(path) or (path / "recipe.yaml").is_file())):
         raise ConfigError("--data is required for a model without a recipe (give a file or a task name)")
@@ -247,7 +289,9 @@ def evaluate_source(source: str, data: list[str] | None = None, *, protocol: Pro
     cfg = model.cfg
     if data:
         datasets = load_eval_data(data, benchmark=benchmark, image_root=image_root, limit=limit, n_task=n_task,
-                                  seed=seed, image_size=cfg.data.image_size if cfg else 56)
+                                  seed=seed, image_size=cfg.data.image_size if cfg else 56,
+                                  columns=columns if columns is not None else (cfg.data.columns if cfg else None),
+                                  hub_image_root=(cfg.data.image_root or None) if cfg else None)
     else:
         test = load_splits(cfg.data, seed=cfg.train.seed)[1][:limit]
         datasets = [(f"held-out ({cfg.data.task or Path(cfg.data.test_file or cfg.data.train_file).stem})", test)]
@@ -271,7 +315,7 @@ def eval_main(argv: list[str]) -> int:
                                     image_root=a.image_root, limit=a.limit, n_task=a.n,
                                     max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, template=a.template,
                                     answer_fallback=a.answer_fallback, base=a.base, load_in_4bit=a.load_in_4bit,
-                                    dtype=a.dtype, device=device, seed=a.seed)
+                                    dtype=a.dtype, device=device, seed=a.seed, columns=parse_columns(a.columns))
     say(format_table(result))
     out = Path(a.out) if a.out else None
     if out is None and model.run_dir is not None:

@@ -32,6 +32,7 @@ from ..run.runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, re
                            sampling_seed, seed_everything, state_before_step)
 from ..run.trackers import open_trackers
 from .algorithms import ALGORITHM_SPECS, ShapeInputs, Shaping, old_pass_needed
+from .completions import step_completions
 from .data_parallel import (StepShare, exchange, local_rows, merge_stats, pad_batch, passes_share, rank_share,
                             reduce_gradients)
 from .evaluate import evaluate
@@ -291,6 +292,8 @@ def rl_step(run: Run, step: int) -> dict:
     if ctx.is_main and cfg.train.tokens_every and step % cfg.train.tokens_every == 0:
         records = token_event_records(run, batch, [g.rewards[i] for i in g.kept[:batch.size]], shaping, g.roles, step)
         run.events.write("tokens", step, algorithm=cfg.algorithm.name, samples=records)
+    if ctx.is_main and cfg.train.log_completions_every and step % cfg.train.log_completions_every == 0:
+        run.trackers.log_completions(step, step_completions(policy.tokenizer, batch, g, adv_seq, shaping))
     return metrics
 
 

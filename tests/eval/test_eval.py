@@ -148,3 +148,66 @@ def test_summarize_weights_by_responses():
     table = format_table({"model": {"source": "m"}, "protocol": "greedy", "datasets": per, "overall": s,
                           "settings": {"max_new_tokens": 8, "template": "plain"}})
     assert "macro average" in table and "0.667" in table
+
+
+def test_hub_data_goes_through_the_training_loader(run_dir, known_half, tmp_path, monkeypatch):
+    """`--data hf://ORG/NAME[:CONFIG][@SPLIT]`: a local dataset repository stands in for the hub, as in
+    tests/data/test_hub_data.py (load_dataset on the folder, offline). The known-half rows under renamed
+    columns score exactly as the file does, mapped by --columns or by the recipe's data.columns."""
+    import io
+    import shutil
+
+    import datasets
+    import yaml
+
+    from lite_srpo.data import hub as hub_data
+
+    rows = [json.loads(line) for line in known_half.read_text().splitlines()]
+    pngs = []
+    for r in rows:
+        buf = io.BytesIO()
+        Image.open(known_half.parent / r["image"]).save(buf, format="PNG")
+        pngs.append({"bytes": buf.getvalue(), "path": None})
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
+                                    "    path: data/test-*.parquet\n---\n")
+    features = datasets.Features({"pic": datasets.Image(), "query": datasets.Value("string"),
+                                  "gold": datasets.Value("string")})
+    datasets.Dataset.from_dict({"pic": pngs, "query": [r["question"] for r in rows],
+                                "gold": [r["answer"] for r in rows]},
+                               features=features).to_parquet(str(repo / "data" / "test-00000-of-00001.parquet"))
+    calls, load_dataset_folder = [], hub_data.load_hub_table
+
+    def local_hub(repo_id, config, split, cache_dir=None):
+        calls.append((repo_id, config, split))
+        return load_dataset_folder(str(repo), config, split, cache_dir=str(tmp_path / "hf_cache"))
+
+    monkeypatch.setattr(hub_data, "load_hub_table", local_hub)
+    args = ["--answer-fallback", "last_line", "--batch-size", "4"]
+    with pytest.raises(DataError, match=r"no image column .*columns: pic, query, gold"):
+        eval_main([str(run_dir), "--data", "hf://org/name", *args])
+    out = tmp_path / "flag.json"
+    assert eval_main([str(run_dir), "--data", "hf://org/name", "--columns", "image=pic,question=query,answer=gold",
+                      *args, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["datasets"]
+    assert list(res) == ["org/name@test"] and calls[-1] == ("org/name", None, "test")
+    assert res["org/name@test"]["accuracy"] == 0.5 and res["org/name@test"]["n_samples"] == 4
+
+    mapped = tmp_path / "run_with_columns"  # the same run, its recipe naming the columns as a training recipe would
+    shutil.copytree(run_dir, mapped, ignore=shutil.ignore_patterns("eval"))
+    for recipe in [mapped / "recipe.yaml", *mapped.glob("checkpoints/*/recipe.yaml")]:
+        data = yaml.safe_load(recipe.read_text())
+        data["data"]["columns"] = {"image": "pic", "question": "query", "answer": "gold"}
+        recipe.write_text(yaml.safe_dump(data))
+    assert eval_main([str(mapped), "--data", "hf://org/name:default@test", "--limit", "3", *args]) == 0
+    res = json.loads((mapped / "eval" / "step_000001-greedy.json").read_text())["datasets"]
+    assert calls[-1] == ("org/name", "default", "test")
+    hub = res["org/name:default@test"]
+    assert hub["n_samples"] == 3 and hub["accuracy"] == pytest.approx(2 / 3)
+    with pytest.raises(ConfigError, match="--columns 'picture=pic'"):
+        eval_main([str(run_dir), "--data", "hf://org/name", "--columns", "picture=pic"])
+    with pytest.raises(ConfigError, match="--benchmark mathvista applies to files"):
+        eval_main([str(run_dir), "--data", "hf://org/name", "--benchmark", "mathvista"])
+    with pytest.raises(DataError, match=r"expected hf://ORG/NAME\[:CONFIG\]\[@SPLIT\]"):
+        eval_main([str(run_dir), "--data", "hf://just-a-name"])
