@@ -200,6 +200,13 @@ class TrainConfig:
     """Rows of the streamed lm_head chunk: peak logits memory is about 4 x chunk x vocab floats. auto (default):
     the largest power of two in [64, 4096] whose update-time logits stay within a quarter of the model's
     weight bytes (lite_srpo/model/chunking.py); or a whole number >= 1."""
+    offload_activations: bool = False
+    """Long responses: keep the checkpointed layers' inputs in (pinned) host memory during the update and
+    bring each back for its layer's backward (needs model.gradient_checkpointing). Same gradients; costs
+    a device-host copy each way (lite_srpo/model/activation_memory.py)."""
+    recompute_chunk: int = 0
+    """Long responses: during the update run each decoder MLP over this many tokens at a time, checkpointed,
+    so its [tokens x intermediate] buffers exist one chunk at a time (0 = off). Gradients equal to ~1e-7."""
     seed: int = 0
     save_every: int = 10
     keep_last: int = 3

@@ -51,6 +51,14 @@ def problems(cfg: RunConfig) -> list[str]:
     chunk = cfg.train.logprob_chunk
     need(chunk == "auto" or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1),
          "train.logprob_chunk", chunk, "auto or a whole number >= 1")
+    rchunk = cfg.train.recompute_chunk
+    need(isinstance(rchunk, int) and not isinstance(rchunk, bool) and rchunk >= 0,
+         "train.recompute_chunk", rchunk, "0 (off) or a whole number of tokens >= 1")
+    need(isinstance(cfg.train.offload_activations, bool), "train.offload_activations",
+         cfg.train.offload_activations, "true or false")
+    need(not cfg.train.offload_activations or cfg.model.gradient_checkpointing, "train.offload_activations",
+         cfg.train.offload_activations, "needs model.gradient_checkpointing: true (what is offloaded is the "
+         "checkpointed layers' inputs)")
     need(cfg.train.save_every >= 0, "train.save_every", cfg.train.save_every, "needs >= 0 (0 = only at the end)")
     need(cfg.train.keep_last >= 1, "train.keep_last", cfg.train.keep_last, "needs >= 1")
     need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "needs >= 1")
