@@ -8,6 +8,12 @@ grow only by the small per-token terms (activations, KV cache). Each point runs 
 
     python -m bench.memory_scaling                      # full sweep (CPU: 40-80 minutes)
     python -m bench.memory_scaling --quick              # smoke test (seconds)
+    python -m bench.memory_scaling --features --lengths 4096 16384   # the long-response features (below)
+
+`--features` measures the policy update alone (one teacher-forced forward and backward of one response
+of R tokens, no generation) with `train.offload_activations` and `train.recompute_chunk` off and on:
+peak memory and step time of each (one process per length, the feature sets switched on one model). On CPU the host is the device, so offloading cannot lower RSS there;
+its device bytes are the hooks' own count (`offload_kept_mib` vs `offload_moved_mib`).
 """
 from __future__ import annotations
 
@@ -17,8 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench.common import (GIB, RESULTS_DIR, build_bench_model, lite_step_job, measure_in_subprocess, table, worker_main,
-                          write_result)
+from bench.common import (GIB, RESULTS_DIR, bench_samples, build_bench_model, lite_step_job, measure_in_subprocess,
+                          current_gib, peak_gib, reset_peak, set_threads, table, worker_main, write_result)
 
 FULL_LOGITS_BYTES_PER_TOKEN = 4  # one fp32 logit per vocabulary entry per token (before log-softmax/grad copies)
 COLUMNS = ["algo", "G", "R", "prompt", "peak_setup_gib", "peak_step_gib", "planned_gib", "planned_logits_gib",
@@ -82,9 +88,122 @@ def slopes(rows: list[dict], algo: str, base_g: int) -> dict:
             "growth_kib_per_response_token": per_token_kib}
 
 
+FEATURES = {"off": (False, 0), "offload": (True, 0), "recompute_chunk": (False, 1024), "both": (True, 1024)}
+FEATURE_COLUMNS = ["R", "features", "start_gib", "peak_update_gib", "update_s", "slowdown", "offload_kept_mib", "offload_moved_mib"]
+
+
+def _release_heap() -> None:
+    """Give freed heap back to the OS (glibc malloc_trim) so one point's leftovers do not hide the next's peak."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _set_features(policy, name: str, recompute_chunk: int):
+    """Switch the loaded policy to one feature set; returns the hooks whose byte counts are reported."""
+    from lite_srpo.model.activation_memory import ActivationOffload, install_chunked_mlp, install_offload
+
+    offload, chunk = FEATURES[name]
+    hooks = ActivationOffload(policy.device, move=offload)  # move=False only counts what stays on the device
+    install_offload(policy.hf, hooks)
+    install_chunked_mlp(policy.hf, recompute_chunk if chunk else 2**62)  # a chunk longer than any input = off
+    return hooks
+
+
+def update_job(job: dict) -> dict:
+    """One update forward + backward over one prompt + R random response tokens, for each feature set.
+
+    One process per length: the model loads once (loading dominates on a busy CPU) and the feature sets
+    are switched on the same policy, with a warm-up update first and the heap trimmed between points."""
+    import time
+
+    import torch
+
+    from lite_srpo.config import LoraConfig, ModelConfig
+    from lite_srpo.data.prompts import ResponseFormat
+    from lite_srpo.model.policy import load_policy
+    from lite_srpo.model.streaming import token_logprobs
+    from lite_srpo.model.vision_cache import VisionFeatureCache
+    from lite_srpo.rl.passes import response_hidden
+    from lite_srpo.rl.rollout import collate, encode_prompt, pad_token_id
+
+    set_threads(job)
+    policy = load_policy(ModelConfig(path=job["model"], load_in_4bit=True, dtype="auto"), LoraConfig(r=16, alpha=32))
+    policy.causal_trailing = True  # as with either feature on (no padding here, so no mask either way)
+    prompt = encode_prompt(policy, bench_samples(policy.processor, 1, 56)[0], "structured", ResponseFormat())
+    cache = VisionFeatureCache(policy)
+    weight, bias = policy.lm_head()
+
+    def update(r: int) -> float:
+        responses = torch.randint(0, policy.config.text_config.vocab_size, (1, r),
+                                  generator=torch.Generator().manual_seed(0))
+        inputs, plen = collate([prompt], pad_token_id(policy), responses, torch.ones_like(responses), None,
+                               policy.device)
+        inputs = cache.apply(inputs, [prompt.visual])
+        t0 = time.perf_counter()
+        hidden = policy.hidden_states(inputs)
+        logp = token_logprobs(response_hidden(hidden, plen, r), weight, responses.to(policy.device),
+                              chunk=job["chunk"], lm_head_bias=bias)
+        (-logp.mean()).backward()
+        if policy.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        policy.model.zero_grad(set_to_none=True)
+        return seconds
+
+    _set_features(policy, "both", job["recompute_chunk"])
+    update(64)  # warm-up: one-time allocations and kernels, every code path once
+    out = {"job": job, "prompt_tokens": prompt.length, "points": []}
+    for name in job["feature_sets"]:
+        hooks = _set_features(policy, name, job["recompute_chunk"])
+        _release_heap()
+        reset_peak()
+        start = current_gib()
+        times = [update(job["R"]) for _ in range(job.get("reps", 1))]
+        stats = hooks.stats
+        out["points"].append({"features": name, "peak": peak_gib(), "start_gib": start, "update_s": min(times),
+                              "times": times,
+                              "offload_kept_mib": (stats.kept_bytes / len(times) + stats.peak_resident_bytes) / 2**20,
+                              "offload_moved_mib": stats.moved_bytes / len(times) / 2**20})
+    return out
+
+
+def worker(job: dict) -> dict:
+    return update_job(job) if job.get("kind") == "update" else lite_step_job(job)
+
+
+def feature_sweep(a, model: str) -> list[dict]:
+    """Every length (one fresh process each) with each feature set; slowdown against `off`."""
+    rows = []
+    for r in a.lengths:
+        job = {"kind": "update", "model": model, "R": r, "feature_sets": a.feature_sets,
+               "recompute_chunk": a.recompute_chunk, "chunk": a.chunk, "threads": a.threads, "reps": a.reps}
+        res = measure_in_subprocess("bench.memory_scaling", job)
+        if "error" in res:
+            print(f"  R={r}: FAILED {res['error'][-300:]}", file=sys.stderr)
+            continue
+        base = None
+        for pt in res["points"]:
+            peak_key = "peak_allocated_gib" if "peak_allocated_gib" in pt["peak"] else "peak_rss_gib"
+            row = {"R": r, "features": pt["features"], "prompt": res["prompt_tokens"], "job": job,
+                   "start_gib": pt["start_gib"], "peak_update_gib": pt["peak"][peak_key],
+                   **{k: pt[k] for k in ("update_s", "times", "offload_kept_mib", "offload_moved_mib")}}
+            base = row if row["features"] == "off" else base
+            row["slowdown"] = row["update_s"] / base["update_s"] if base else None
+            rows.append(row)
+            print(f"  R={r} {row['features']}: peak {row['peak_update_gib']:.3f} GiB, {row['update_s']:.1f} s",
+                  flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if worker_main(argv, lite_step_job):
+    if worker_main(argv, worker):
         return 0
     ap = argparse.ArgumentParser(prog="python -m bench.memory_scaling", description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
@@ -102,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="memory_scaling", help="result file name (bench/results/NAME.json)")
     ap.add_argument("--results-dir", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sweep for smoke tests")
+    ap.add_argument("--features", action="store_true",
+                    help="measure the update alone with train.offload_activations / train.recompute_chunk off and on")
+    ap.add_argument("--feature-sets", nargs="+", default=list(FEATURES), choices=list(FEATURES))
+    ap.add_argument("--recompute-chunk", type=int, default=1024, help="train.recompute_chunk when on")
+    ap.add_argument("--reps", type=int, default=1, help="updates per point (--features); the fastest is reported")
     ap.add_argument("--replan", action="store_true",
                     help="recompute the planner columns of the saved result with the current planner; no measuring")
     a = ap.parse_args(argv)
@@ -122,6 +246,21 @@ def main(argv: list[str] | None = None) -> int:
 
     dims = load_model_dims(model)  # the model actually measured (--model-dir may differ from the flags)
     a.vocab, a.hidden, a.layers = dims.vocab, dims.hidden, dims.layers
+    if a.features:
+        rows = feature_sweep(a, model)
+        print(table(rows, FEATURE_COLUMNS))
+        path = write_result(a.name, {
+            "model": {"path": model, "vocab": a.vocab, "hidden": a.hidden, "layers": a.layers},
+            "settings": {"chunk": a.chunk, "recompute_chunk": a.recompute_chunk, "threads": a.threads,
+                         "reps": a.reps, "rows": 1, "load_in_4bit": True, "lora_r": 16},
+            "rows": rows,
+            "notes": ["peak_update_gib: peak of one update forward + backward after loading (RSS on CPU, "
+                      "max_memory_allocated on CUDA); update_s: its time (fastest of reps)",
+                      "offload_kept_mib: checkpointed-layer input bytes the saved-tensor hooks leave on the device "
+                      "(with offload: the most brought back at once in backward); offload_moved_mib: bytes copied "
+                      "to host. On CPU the host is the device, so offload cannot lower RSS"]}, a.results_dir)
+        print(f"wrote {path}")
+        return 0 if rows else 1
     rows, errors = [], []
     for g, r in sweep_points(a.lengths, a.groups, a.base_group, a.base_length):
         for algo in a.algos:

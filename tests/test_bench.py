@@ -26,7 +26,7 @@ def in_process(monkeypatch, tiny_bench_model):
     """Run workers in this process; every script builds its bench model at the tiny dims."""
     from bench import gpu_7b, memory_scaling, planner_accuracy, srpo_overhead, vs_trl
 
-    workers = {"bench.memory_scaling": common.lite_step_job, "bench.planner_accuracy": common.lite_step_job,
+    workers = {"bench.memory_scaling": memory_scaling.worker, "bench.planner_accuracy": common.lite_step_job,
                "bench.vs_trl": vs_trl.run_job, "bench.srpo_overhead": srpo_overhead.overhead_job,
                "bench.gpu_7b": gpu_7b.run_job}
 
@@ -60,6 +60,21 @@ def test_memory_scaling_minimal(in_process, tmp_path):
     # a full [2 x 8, 4096] fp32 logits tensor: 2 * 8 * 4096 * 4 B
     assert row["full_logits_gib"] == pytest.approx(2 * 8 * 4096 * 4 / GIB)
     assert data["growth"][0]["from_R"] == 8 and data["growth"][0]["to_R"] == 16
+
+
+def test_memory_scaling_features_minimal(in_process, tmp_path):
+    from bench import memory_scaling
+
+    assert memory_scaling.main(["--features", "--lengths", "16", "--feature-sets", "off", "both", "--recompute-chunk", "4",
+                                "--chunk", "16", "--results-dir", str(tmp_path), "--name", "mf"]) == 0
+    data = read(tmp_path / "mf.json")
+    off, both = data["rows"]
+    assert (off["features"], both["features"]) == ("off", "both") and off["R"] == both["R"] == 16
+    assert both["job"]["recompute_chunk"] == 4 and both["job"]["feature_sets"] == ["off", "both"]
+    assert 0.1 < off["peak_update_gib"] < 8 and off["update_s"] > 0 and both["slowdown"] > 0
+    # the hooks' count: without offload every layer input stays (2 layers), with it about one layer's worth
+    assert off["offload_moved_mib"] == 0 and both["offload_moved_mib"] > 0
+    assert both["offload_kept_mib"] == pytest.approx(off["offload_kept_mib"] / 2)
 
 
 def test_memory_scaling_sweep_and_slopes():

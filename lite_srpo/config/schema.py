@@ -206,11 +206,12 @@ class TrainConfig:
     the largest power of two in [64, 4096] whose update-time logits stay within a quarter of the model's
     weight bytes (lite_srpo/model/chunking.py); or a whole number >= 1."""
     offload_activations: bool = False
-    """Keep the checkpointed layer inputs in pinned host memory during the update: the card holds about
-    one layer's input (the one being recomputed) instead of layers x tokens x H."""
+    """Long responses: keep the checkpointed layers' inputs in (pinned) host memory during the update and
+    bring each back for its layer's backward (needs model.gradient_checkpointing). Same gradients; costs
+    a device-host copy each way (lite_srpo/model/activation_memory.py)."""
     recompute_chunk: int = 0
-    """During the update the (re)computed layer's MLP runs over sequence chunks of this many tokens, so
-    its intermediate exists for one chunk only (0 = off)."""
+    """Long responses: during the update run each decoder MLP over this many tokens at a time, checkpointed,
+    so its [tokens x intermediate] buffers exist one chunk at a time (0 = off). Gradients equal to ~1e-7."""
     auto_fit: bool = False
     """At the start of a GPU run, replace the memory settings (generate calls and rows, micro-batch,
     lm_head chunk, checkpointing, offload, recompute chunk) by the fastest combination `lite-srpo plan

@@ -57,8 +57,12 @@ def problems(cfg: RunConfig) -> list[str]:
          "train.logprob_chunk", chunk, "auto or a whole number >= 1")
     need(_whole(cfg.rollout.generation_rows, 0), "rollout.generation_rows", cfg.rollout.generation_rows,
          "a whole number >= 0 (0 = every row of the call at once)")
-    need(_whole(cfg.train.recompute_chunk, 0), "train.recompute_chunk", cfg.train.recompute_chunk,
-         "a whole number >= 0 (0 = off)")
+    rchunk = cfg.train.recompute_chunk
+    need(isinstance(rchunk, int) and not isinstance(rchunk, bool) and rchunk >= 0,
+         "train.recompute_chunk", rchunk, "0 (off) or a whole number of tokens >= 1")
+    need(not cfg.train.offload_activations or cfg.model.gradient_checkpointing, "train.offload_activations",
+         cfg.train.offload_activations, "needs model.gradient_checkpointing: true (what is offloaded is the "
+         "checkpointed layers' inputs)")
     for key in ("offload_activations", "auto_fit"):
         value = getattr(cfg.train, key)
         need(isinstance(value, bool), f"train.{key}", value, "true or false")

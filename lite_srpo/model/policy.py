@@ -17,6 +17,7 @@ import torch
 
 from ..config import LoraConfig, ModelConfig
 from ..errors import ModelError
+from .activation_memory import ActivationOffload, causal_inputs, install_chunked_mlp, install_offload
 from .processors import image_token_id, load_processor, model_family, vision_token_ids
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,10 @@ class PolicyModel:
     device: torch.device
     dtype: torch.dtype
     gradient_checkpointing: bool
+    offload: ActivationOffload | None = None  # train.offload_activations (activation_memory.py)
+    recompute_chunk: int = 0  # train.recompute_chunk
+    attn_implementation: str = "sdpa"
+    causal_trailing: bool = False  # drop a trailing-padding-only mask (on with either long-response feature)
 
     @property
     def hf(self) -> torch.nn.Module:
@@ -187,11 +192,33 @@ class PolicyModel:
         finally:
             if was:
                 set_checkpointing(self.hf, True)
+                if self.offload is not None:  # transformers put its own checkpoint function back
+                    install_offload(self.hf, self.offload)
 
     def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Final (normed) hidden states [N, L, H]; the lm_head is applied later, chunk by chunk."""
+        """Final (normed) hidden states [N, L, H]; the lm_head is applied later, chunk by chunk.
+
+        With the long-response features on, a micro-batch whose padding is all trailing runs without
+        its attention mask (causal only, no `[L, L]` mask); without padding it never needs one."""
+        inputs = causal_inputs(inputs, self.attn_implementation, drop_trailing=self.causal_trailing)
         out = self.hf.model(**inputs, use_cache=False, return_dict=True)
         return out.last_hidden_state
+
+    def enable_long_responses(self, offload_activations: bool = False, recompute_chunk: int = 0) -> None:
+        """Install the update-time memory savers (`activation_memory.py`); both off changes nothing.
+        Either one also lets a micro-batch with trailing padding only run without its `[L, L]` mask."""
+        self.causal_trailing = offload_activations or recompute_chunk > 0
+        if offload_activations:
+            if not self.gradient_checkpointing:
+                raise ModelError("train.offload_activations: true needs model.gradient_checkpointing: true "
+                                 "(what is offloaded is the checkpointed layers' inputs)")
+            self.offload = ActivationOffload(self.device)
+            n = install_offload(self.hf, self.offload)
+            log.info("offload_activations: %d checkpointed layers keep their inputs in host memory", n)
+        if recompute_chunk > 0:
+            self.recompute_chunk = recompute_chunk
+            n = install_chunked_mlp(self.hf, recompute_chunk)
+            log.info("recompute_chunk: %d decoder MLPs run %d tokens at a time with grad on", n, recompute_chunk)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -221,8 +248,10 @@ def attach_lora(model: torch.nn.Module, family: str, cfg: LoraConfig, adapter_pa
 
 
 def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str | None = None,
-                trainable: bool = True, device: torch.device | None = None) -> PolicyModel:
-    """Base + LoRA, ready for RL: base frozen, adapter trainable in fp32, gradient checkpointing on."""
+                trainable: bool = True, device: torch.device | None = None, offload_activations: bool = False,
+                recompute_chunk: int = 0) -> PolicyModel:
+    """Base + LoRA, ready for RL: base frozen, adapter trainable in fp32, gradient checkpointing on;
+    `offload_activations` / `recompute_chunk`: `PolicyModel.enable_long_responses`."""
     device = device or pick_device()
     base, processor, family = load_base(model_cfg, device)
     if model_cfg.gradient_checkpointing and trainable:
@@ -235,6 +264,9 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str 
     model.train()  # never .eval(): see the module docstring
     if device.type == "cpu":
         disable_cpu_4bit_repacking(model)
-    return PolicyModel(model=model, processor=processor, family=family, device=device,
-                       dtype=resolve_dtype(model_cfg.dtype, device),
-                       gradient_checkpointing=model_cfg.gradient_checkpointing and trainable)
+    policy = PolicyModel(model=model, processor=processor, family=family, device=device,
+                         dtype=resolve_dtype(model_cfg.dtype, device),
+                         gradient_checkpointing=model_cfg.gradient_checkpointing and trainable,
+                         attn_implementation=model_cfg.attn_implementation)
+    policy.enable_long_responses(offload_activations, recompute_chunk)
+    return policy

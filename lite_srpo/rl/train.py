@@ -77,7 +77,8 @@ def setup(cfg: RunConfig, resume: bool = False, overwrite: bool = False, ctx: Di
         raise LiteSrpoError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (nothing to resume)")
     seed_everything(cfg.train.seed)
     train_set, test_set = load_splits(cfg.data, seed=cfg.train.seed)
-    policy = load_policy(cfg.model, cfg.lora)
+    policy = load_policy(cfg.model, cfg.lora, offload_activations=cfg.train.offload_activations,
+                         recompute_chunk=cfg.train.recompute_chunk)
     optimizer = build_optimizer(policy.trainable_parameters(), cfg.optim, policy.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     n_trainable = sum(p.numel() for p in policy.trainable_parameters())
