@@ -182,10 +182,15 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
         else:
             add("one layer recomputed for backward", "update", m * s * per_layer,
                 f"{m} x {s} x ((7H + 2kv + 4I) x {b} + 8H) B")
+    elif cfg.train.recompute_chunk > 0:  # no checkpointing, but each MLP's 4I intermediate is recomputed per chunk
+        rc = cfg.train.recompute_chunk
+        add("activations of every layer", "update", m * s * n_layers * (per_layer - 4 * i * b) + m * min(rc, s) * 4 * i * b,
+            f"{m} x {s} x {n_layers} layers x ((7H + 2kv) x {b} + 8H) B + one MLP chunk: {m} x {min(rc, s)} x 4I x {b} B "
+            f"(no gradient checkpointing; train.recompute_chunk={rc})")
     else:
         add("activations of every layer", "update", m * s * n_layers * per_layer,
             f"{m} x {s} x {n_layers} layers x ((7H + 2kv + 4I) x {b} + 8H) B (no gradient checkpointing; "
-            "offload and recompute_chunk act on checkpointed layers only)")
+            "offload needs it)")
     add("[L, L] attention mask", "update", mask_bytes, mask_how)
     add("final hidden states + their grads", "update", m * s * h * (2 * b + 8), f"{m} x {s} x H")
     grad_copies = LOGITS_COPIES_GRAD[4 if b == 4 else 2]
