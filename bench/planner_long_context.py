@@ -15,15 +15,14 @@ from lite_srpo.model.memory.plan import plan
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"3B": ROOT / "recipes" / "qwen2_5_vl_3b_srpo_24gb.yaml", "7B": ROOT / "recipes" / "qwen2_5_vl_7b_srpo_24gb.yaml"}
 RECOMPUTE_CHUNK = 2048
-# (label, overrides added to the previous step's, dense [L, L] mask counted as the code before the
-# causal-flag change builds it)
+# (label, overrides added to the previous step's, dense_mask: None = the code's rule, an [L, L] mask only for
+# eager attention or a padded micro-batch of more than one row)
 STEPS = [
-    ("recipe defaults", [], True),
+    ("recipe defaults", [], None),
     ("+ generation_rows=1, generation_batch_size=1, micro-batch 1",
-     ["rollout.generation_rows=1", "rollout.generation_batch_size=1", "train.micro_batch_size=1"], True),
-    ("+ offload_activations", ["train.offload_activations=true"], True),
-    (f"+ recompute_chunk={RECOMPUTE_CHUNK}", [f"train.recompute_chunk={RECOMPUTE_CHUNK}"], True),
-    ("+ no [L, L] mask (SDPA causal flag)", [], None),
+     ["rollout.generation_rows=1", "rollout.generation_batch_size=1", "train.micro_batch_size=1"], None),
+    ("+ offload_activations", ["train.offload_activations=true"], None),
+    (f"+ recompute_chunk={RECOMPUTE_CHUNK}", [f"train.recompute_chunk={RECOMPUTE_CHUNK}"], None),
 ]
 
 
