@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from lite_srpo.run.plot import ema, panel_notes
+from lite_srpo.run.progress import eta as progress_eta
+from lite_srpo.run.progress import evals_from
 
 ACTIVE = ("started", "running", "resumed")
 
@@ -156,12 +158,23 @@ def run_state(events: list[dict]) -> dict:
             state["sft_time"] = e.get("time")
     if last_metrics is not None:
         state["last_metrics"] = {k: v for k, v in last_metrics.items() if k not in ("type", "time", "step")}
-    state["eta_s"] = eta_seconds(anchor, last_metrics, state["total_steps"]) if state["status"] in ACTIVE else None
+    every = ((anchor or {}).get("config") or {}).get("train", {}).get("eval_every") or 0
+    state["eta_s"] = (eta_seconds(anchor, last_metrics, state["total_steps"], events, every)
+                      if state["status"] in ACTIVE else None)
     return state
 
 
-def eta_seconds(anchor: dict | None, last: dict | None, total: int | None) -> float | None:
-    """Mean seconds per step since the (re)start × steps left; None before the first step.
+def eval_durations(events: list[dict]) -> dict[int, float]:
+    """Step -> seconds of the held-out eval after that step: from its step's metrics event to the eval event."""
+    ends = {e["step"]: e.get("time") for e in events if e.get("type") == "metrics" and e.get("step") is not None}
+    return {e["step"]: e["time"] - ends[e["step"]] for e in events
+            if e.get("type") == "eval" and _num(e.get("time")) is not None and _num(ends.get(e.get("step"))) is not None}
+
+
+def eta_seconds(anchor: dict | None, last: dict | None, total: int | None, events: list[dict] = (),
+                eval_every: int = 0) -> float | None:
+    """Seconds per step since the (re)start, evals left out, × steps left, + the evals still to come at the
+    mean length of those done (the CLI's `run.progress.eta`); None before the first step.
 
     Example: started at step 2 at t=100, step 5 done at t=130 → 10 s/step; total 10 → ETA 50 s.
     """
@@ -171,7 +184,10 @@ def eta_seconds(anchor: dict | None, last: dict | None, total: int | None) -> fl
     t0, t1 = anchor.get("time"), last.get("time")
     if s1 <= s0 or t0 is None or t1 is None or t1 < t0:
         return None
-    return (t1 - t0) / (s1 - s0) * max(0, total - s1)
+    evals = eval_durations(list(events))
+    inside = sum(d for step, d in evals.items() if s0 < step < s1)  # evals between the anchor and the last step
+    left = evals_from(s1, total, eval_every) - (1 if s1 in evals else 0)
+    return progress_eta(s1, s0, total, (t1 - t0) - inside, left, list(evals.values()))[0]
 
 
 def format_duration(seconds: float | None) -> str:

@@ -88,6 +88,18 @@ def test_run_state_step_total_and_eta():
     assert monitor.run_state(resumed)["eta_s"] == pytest.approx(25.0)  # (210-200)/(5-3) = 5 s/step x 5 left
 
 
+
+def test_eta_counts_the_evals_to_come_at_their_measured_length():
+    run = [{**_events()[0], "config": {"train": {"eval_every": 2}}}, *_events()[1:3],
+           {"type": "eval", "step": 2, "time": 126.0, "accuracy": 0.5},  # 6 s after step 2's metrics
+           {**_events()[3], "time": 136.0}]
+    # steps 1-3 took 36 s, less the 6 s eval = 10 s/step x 7 left = 70 s, + evals after 4, 6, 8, 10 x 6 s = 94 s
+    assert monitor.run_state(run)["eta_s"] == pytest.approx(94.0)
+    # after step 4, its eval not yet written: it still counts (5 evals would be wrong, 4 are left)
+    at4 = run + [{"type": "metrics", "step": 4, "time": 146.0}]
+    assert monitor.run_state(at4)["eta_s"] == pytest.approx(40.0 / 4 * 6 + 4 * 6.0)
+
+
 def test_curve_frame_long_format_skips_missing_and_matches_suffix():
     df = monitor.curve_frame(_events(), [("reward", "reward/mean"), ("loss", "loss/total"),
                                          ("perception", "*/weight_perception")])
