@@ -1,5 +1,8 @@
 """Event stream → what the Monitor tab shows: status, step / total with ETA, curve data, log tail.
 
+Curves read like TensorBoard: each step series is smoothed (TensorBoard's debiased EMA, `run.plot.ema`)
+and drawn over its raw values in a faint tint of the same colour; a chart with no data is not drawn.
+
 `EventTail` follows `events.jsonl` incrementally (a resume rewrites the file, which resets the tail);
 everything else is a pure function of the event list so it is tested without a browser.
 """
@@ -9,11 +12,14 @@ import json
 import math
 import os
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from lite_srpo.run.plot import panel_notes
+from lite_srpo.run.plot import ema, panel_notes
+from lite_srpo.run.progress import eta as progress_eta
+from lite_srpo.run.progress import evals_from
 
 ACTIVE = ("started", "running", "resumed")
 
@@ -31,6 +37,10 @@ PLOTS: dict[str, list[tuple[str, str]]] = {
     "Throughput (tokens/s)": [("generation", "perf/gen_tokens_per_s"), ("update", "perf/update_tokens_per_s")],
     "SFT warm-up loss": [("SFT loss", "sft:loss")],
 }
+# One point per held-out eval (a full pass over the test items): drawn as points, never smoothed.
+POINT_PLOTS = {"Held-out eval accuracy, format rate"}
+RAW = " (raw)"  # the raw series of a smoothed one: drawn faint, left out of the legend
+PALETTE = ("#2563eb", "#ea580c", "#16a34a", "#9333ea")  # series 1..4 of a chart
 # Plots whose emptiness has a reason in the recipe (lite_srpo.run.plot.panel_notes): KL off, eval off, no warm-up.
 PLOT_PANEL = {"KL to reference (k3)": "kl", "Held-out eval accuracy, format rate": "eval",
               "SFT warm-up loss": "sft"}
@@ -148,12 +158,23 @@ def run_state(events: list[dict]) -> dict:
             state["sft_time"] = e.get("time")
     if last_metrics is not None:
         state["last_metrics"] = {k: v for k, v in last_metrics.items() if k not in ("type", "time", "step")}
-    state["eta_s"] = eta_seconds(anchor, last_metrics, state["total_steps"]) if state["status"] in ACTIVE else None
+    every = ((anchor or {}).get("config") or {}).get("train", {}).get("eval_every") or 0
+    state["eta_s"] = (eta_seconds(anchor, last_metrics, state["total_steps"], events, every)
+                      if state["status"] in ACTIVE else None)
     return state
 
 
-def eta_seconds(anchor: dict | None, last: dict | None, total: int | None) -> float | None:
-    """Mean seconds per step since the (re)start × steps left; None before the first step.
+def eval_durations(events: list[dict]) -> dict[int, float]:
+    """Step -> seconds of the held-out eval after that step: from its step's metrics event to the eval event."""
+    ends = {e["step"]: e.get("time") for e in events if e.get("type") == "metrics" and e.get("step") is not None}
+    return {e["step"]: e["time"] - ends[e["step"]] for e in events
+            if e.get("type") == "eval" and _num(e.get("time")) is not None and _num(ends.get(e.get("step"))) is not None}
+
+
+def eta_seconds(anchor: dict | None, last: dict | None, total: int | None, events: list[dict] = (),
+                eval_every: int = 0) -> float | None:
+    """Seconds per step since the (re)start, evals left out, × steps left, + the evals still to come at the
+    mean length of those done (the CLI's `run.progress.eta`); None before the first step.
 
     Example: started at step 2 at t=100, step 5 done at t=130 → 10 s/step; total 10 → ETA 50 s.
     """
@@ -163,7 +184,10 @@ def eta_seconds(anchor: dict | None, last: dict | None, total: int | None) -> fl
     t0, t1 = anchor.get("time"), last.get("time")
     if s1 <= s0 or t0 is None or t1 is None or t1 < t0:
         return None
-    return (t1 - t0) / (s1 - s0) * max(0, total - s1)
+    evals = eval_durations(list(events))
+    inside = sum(d for step, d in evals.items() if s0 < step < s1)  # evals between the anchor and the last step
+    left = evals_from(s1, total, eval_every) - (1 if s1 in evals else 0)
+    return progress_eta(s1, s0, total, (t1 - t0) - inside, left, list(evals.values()))[0]
 
 
 def format_duration(seconds: float | None) -> str:
@@ -195,10 +219,35 @@ def _series_values(events: list[dict], key: str) -> list[tuple[int, float]]:
     return out
 
 
-def curve_frame(events: list[dict], series: list[tuple[str, str]]) -> pd.DataFrame:
-    """Long format for gr.LinePlot: one row per (step, series) with a finite value."""
-    rows = [(step, value, label) for label, key in series for step, value in _series_values(events, key)]
+def curve_frame(events: list[dict], series: list[tuple[str, str]], smoothing: float = 0.0) -> pd.DataFrame:
+    """Long format for gr.LinePlot: one row per (step, series) with a finite value.
+
+    With `smoothing` > 0 each series is its EMA, and its raw values come as "<label> (raw)": every raw
+    series first, so they are drawn behind the smoothed lines."""
+    raw, rows = [], []
+    for label, key in series:
+        points = _series_values(events, key)
+        if smoothing > 0 and points:
+            raw += [(step, v, label + RAW) for step, v in points]
+            rows += [(step, v, label) for (step, _), v in zip(points, ema([v for _, v in points], smoothing))]
+        else:
+            rows += [(step, v, label) for step, v in points]
+    rows = raw + rows
     return pd.DataFrame(rows, columns=["step", "value", "series"]).astype({"step": "int64", "value": "float64"})
+
+
+def faint(colour: str, strength: float = 0.3) -> str:
+    """The colour mixed with white: the tint a raw series is drawn in behind its smoothed line."""
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return "#" + "".join(f"{round(255 - (255 - c) * strength):02x}" for c in (r, g, b))
+
+
+def colour_map(series: list[tuple[str, str]]) -> dict[str, str]:
+    """Each series' colour, and the faint tint of it for its raw values."""
+    out = {}
+    for (label, _), colour in zip(series, PALETTE):
+        out[label], out[label + RAW] = colour, faint(colour)
+    return out
 
 
 def chart_notes(events: list[dict]) -> dict[str, str]:
@@ -206,8 +255,13 @@ def chart_notes(events: list[dict]) -> dict[str, str]:
     are absent. An empty frame alone reads like a bug; the recipe usually says why there is nothing."""
     panels = panel_notes(events)
     started = any(e.get("type") == "metrics" for e in events)
-    return {title: panels.get(PLOT_PANEL.get(title, ""), "not logged by this run" if started else "no data yet")
-            for title, series in PLOTS.items() if not any(_series_values(events, key) for _, key in series)}
+    algorithm = run_state(events)["algorithm"]
+    fallback = "not logged by this run" if started else "no data yet"
+    notes = {title: panels.get(PLOT_PANEL.get(title, ""), fallback)
+             for title, series in PLOTS.items() if not any(_series_values(events, key) for _, key in series)}
+    if started and algorithm and algorithm != "srpo" and "Mean token weight per role" in notes:
+        notes["Mean token weight per role"] = f"only SRPO weights tokens by role (this run: {algorithm})"
+    return notes
 
 
 def compare_frame(runs: list[tuple[str, list[dict]]], key: str) -> pd.DataFrame:
@@ -238,3 +292,46 @@ def log_tail(path: str | Path, max_chars: int = 6000) -> str:
         text = f.read().decode("utf-8", errors="replace")
     lines = [line.rstrip("\r").split("\r")[-1] for line in text.split("\n")]
     return "\n".join(lines)[-max_chars:]
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "-" if _num(v) is None else format(float(v), spec)
+
+
+def event_line(e: dict) -> str | None:
+    """One event as a log line (None for bulk events such as per-token records)."""
+    kind, step = e.get("type"), e.get("step")
+    clock = time.strftime("%H:%M:%S", time.localtime(e["time"])) if _num(e.get("time")) is not None else "--:--:--"
+    if kind == "metrics":
+        text = (f"step {step}  reward {_fmt(e.get('reward/mean'))}  accuracy {_fmt(e.get('accuracy'))}  "
+                f"format {_fmt(e.get('format_rate'))}  loss {_fmt(e.get('loss/total'), '.4g')}  "
+                f"({_fmt(e.get('time/step'), '.1f')} s)")
+    elif kind == "eval":
+        text = (f"eval at step {step}: accuracy {_fmt(e.get('accuracy'))}, format rate {_fmt(e.get('format_rate'))}"
+                + (f" ({e['protocol']})" if e.get("protocol") else ""))
+    elif kind == "status":
+        text = f"{e.get('status')} at step {step}" + (f": {e['message']}" if e.get("message") else "")
+    elif kind == "sft":
+        text = f"SFT warm-up step {step}/{e.get('total_steps')}  loss {_fmt(e.get('loss'), '.4f')}"
+    elif kind == "checkpoint":
+        text = f"checkpoint at step {step}: {e.get('path')}"
+    elif kind == "warning":
+        text = f"warning at step {step}: {e.get('message')}"
+    else:
+        return None
+    return f"{clock} {text}"
+
+
+EVENTS_LOG_NOTE = "(no train.log: this run was not started from this UI; lines from its events.jsonl)"
+
+
+def events_log(events: list[dict], max_lines: int = 200) -> str:
+    """A readable log of the run from its events alone: the log tail of runs started from the CLI."""
+    lines: list[str] = []
+    for e in reversed(events):
+        line = event_line(e)
+        if line is not None:
+            lines.append(line)
+            if len(lines) == max_lines:
+                break
+    return "\n".join([EVENTS_LOG_NOTE, *reversed(lines)]) if lines else ""

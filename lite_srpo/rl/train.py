@@ -27,7 +27,7 @@ from ..run.distributed import SINGLE, DistContext, RankFailure, gather_objects, 
 from ..run.events import EventWriter, NullEvents
 from ..run.plot import write_curves
 from ..run.preflight import check_disk_space, check_output_dir, checkpoint_bytes
-from ..run.progress import Progress
+from ..run.progress import Progress, announce, outputs_line
 from ..run.runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, restore_before_step, row_sampling_seed,
                            sampling_seed, seed_everything, state_before_step)
 from ..run.trackers import open_trackers
@@ -358,6 +358,7 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
 
     Every rank runs this loop in step: the stop decision is agreed at the end of each step, so all
     ranks checkpoint and stop together; a failure on any rank stops every rank with its message."""
+    announce(outputs_line(cfg.run_dir, cfg.train.report_to, cfg.train.save_every), quiet or not ctx.is_main)
     run = run or setup(cfg, resume, overwrite, ctx)
     ctx = run.dist
     if ctx.is_main:
@@ -365,7 +366,8 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
     run.events.write("status", run.start_step, status="running", total_steps=cfg.train.steps,
                      config=config_to_dict(cfg), message=f"{cfg.algorithm.name} on {cfg.model.path}"
                      + (f" ({ctx.world_size} processes)" if ctx.enabled else ""))
-    progress = Progress(cfg.train.steps, start=run.start_step, quiet=quiet or not ctx.is_main)
+    progress = Progress(cfg.train.steps, start=run.start_step, quiet=quiet or not ctx.is_main,
+                        eval_every=cfg.train.eval_every)
     step = run.start_step
     saved_step = run.start_step
     with GracefulStop() as stop:
@@ -385,7 +387,8 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
                     raise LiteSrpoError(f"{run.nonfinite_streak} consecutive non-finite updates: stopping. The "
                                         "checkpoint holds the weights from before the fault; lower optim.lr or check the data.")
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and ctx.is_main:
-                    periodic_eval(run, step)
+                    with progress.timing_eval():  # the ETA counts the evals still to come
+                        periodic_eval(run, step)
                 if sync(ctx, stop.requested):  # a signal on any rank stops every rank after this step
                     save(run, step)
                     run.events.write("status", step, status="stopped", message=f"stopped at step {step}; resumable")

@@ -95,6 +95,30 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+DEFAULT_SMOOTHING = 0.6  # TensorBoard's default weight: the UI slider's start and the CLI progress line
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the first points are not pulled
+    towards 0. Never looks ahead; non-finite values pass through; a constant series stays exact.
+
+    Example, weight 0.5 on [1, 0, 1]: running 0.5, 0.25, 0.625 / (1 - 0.5**n) = 1, 1/3, 5/7.
+    """
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    if all(v == values[0] for v in values):
+        return list(values)
+    out, last, n = [], 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        last = last * weight + (1.0 - weight) * v
+        n += 1
+        out.append(last / (1.0 - weight ** n))
+    return out
+
+
 def auto_window(n: int) -> int:
     """A light smoothing: none under 20 points, then about a tenth of the points, 3 to 25."""
     return 0 if n < 20 else max(3, min(25, n // 10))

@@ -13,7 +13,7 @@ from PIL import Image
 from lite_srpo.cli import main
 from lite_srpo.errors import LiteSrpoError
 from lite_srpo.run.events import EventWriter, read_events
-from lite_srpo.run.plot import auto_window, moving_average, panel_notes, series, write_curves
+from lite_srpo.run.plot import auto_window, ema, moving_average, panel_notes, series, write_curves
 
 C0, C1 = (31, 119, 180), (255, 127, 14)  # matplotlib's first two colours: run 1, run 2
 KL_OFF = "KL not computed: algorithm.beta = 0"
@@ -78,6 +78,20 @@ def test_moving_average_never_looks_ahead():
     assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert moving_average([2.0, 4.0], 5) == [2.0, 3.0]
     assert (auto_window(19), auto_window(20), auto_window(40), auto_window(1000)) == (0, 3, 4, 25)
+
+
+def test_ema_is_tensorboards_debiased_smoothing():
+    # weight 0.5 on [1, 0, 1]: running 0.5, 0.25, 0.625; debiased by 1 - 0.5**n = 0.5, 0.75, 0.875
+    assert ema([1.0, 0.0, 1.0], 0.5) == pytest.approx([1.0, 1 / 3, 5 / 7])
+    # weight 0.6 on [2, 4]: 0.8 / 0.4 = 2; (0.48 + 1.6) / 0.64 = 3.25
+    assert ema([2.0, 4.0], 0.6) == pytest.approx([2.0, 3.25])
+    assert ema([0.3, 0.9], 0.0) == [0.3, 0.9]  # weight 0: raw
+    assert ema([0.1] * 5, 0.99) == [0.1] * 5  # a constant stays exact (no rounding drift)
+    out = ema([1.0, float("nan"), 3.0], 0.5)  # a gap passes through and does not reset the average
+    assert out[0] == 1.0 and out[1] != out[1] and out[2] == pytest.approx((0.5 * 0.5 + 1.5) / 0.75)
+    assert ema([], 0.6) == []
+    with pytest.raises(ValueError):
+        ema([1.0], 1.0)
 
 
 def test_one_run_png_default_path_size_and_content(runs):

@@ -88,6 +88,18 @@ def test_run_state_step_total_and_eta():
     assert monitor.run_state(resumed)["eta_s"] == pytest.approx(25.0)  # (210-200)/(5-3) = 5 s/step x 5 left
 
 
+
+def test_eta_counts_the_evals_to_come_at_their_measured_length():
+    run = [{**_events()[0], "config": {"train": {"eval_every": 2}}}, *_events()[1:3],
+           {"type": "eval", "step": 2, "time": 126.0, "accuracy": 0.5},  # 6 s after step 2's metrics
+           {**_events()[3], "time": 136.0}]
+    # steps 1-3 took 36 s, less the 6 s eval = 10 s/step x 7 left = 70 s, + evals after 4, 6, 8, 10 x 6 s = 94 s
+    assert monitor.run_state(run)["eta_s"] == pytest.approx(94.0)
+    # after step 4, its eval not yet written: it still counts (5 evals would be wrong, 4 are left)
+    at4 = run + [{"type": "metrics", "step": 4, "time": 146.0}]
+    assert monitor.run_state(at4)["eta_s"] == pytest.approx(40.0 / 4 * 6 + 4 * 6.0)
+
+
 def test_curve_frame_long_format_skips_missing_and_matches_suffix():
     df = monitor.curve_frame(_events(), [("reward", "reward/mean"), ("loss", "loss/total"),
                                          ("perception", "*/weight_perception")])
@@ -138,6 +150,49 @@ def test_empty_chart_says_why():
 
     assert note_update("why")["visible"] is True and note_update("why")["value"] == "*why*"
     assert note_update(None)["visible"] is False
+
+
+def test_smoothed_curves_come_over_their_faint_raw_values():
+    events = _events()  # rewards 0.5, 0.75, 1.0 at steps 1-3
+    df = monitor.curve_frame(events, [("reward", "reward/mean")], smoothing=0.5)
+    # EMA 0.5, debiased: 0.5; (0.125 + 0.375) / 0.75 = 2/3; (0.25 + 0.5) / 0.875 = 6/7
+    assert df[df.series == "reward"].value.tolist() == pytest.approx([0.5, 2 / 3, 6 / 7])
+    assert df[df.series == "reward (raw)"].value.tolist() == [0.5, 0.75, 1.0]
+    assert df.series.tolist()[:3] == ["reward (raw)"] * 3  # raw rows first: drawn behind the smoothed line
+    assert set(monitor.curve_frame(events, [("reward", "reward/mean")], 0.0).series) == {"reward"}
+    assert monitor.faint("#2563eb") == "#bed0f9"  # 255 - (255 - c) * 0.3 per channel
+    colours = monitor.colour_map(monitor.PLOTS["Throughput (tokens/s)"])
+    assert colours == {"generation": "#2563eb", "generation (raw)": "#bed0f9",
+                       "update": "#ea580c", "update (raw)": monitor.faint("#ea580c")}
+    from ui.tab_monitor import plot_update, smoothing_of
+
+    shown = plot_update(df)
+    assert shown["visible"] is True and shown["colors_in_legend"] == ["reward"]
+    assert plot_update(df.iloc[:0])["visible"] is False and plot_update(df.iloc[:0])["value"] is None
+    assert (smoothing_of(2), smoothing_of(-1), smoothing_of(None)) == (0.99, 0.0, 0.6)
+
+
+def test_role_chart_of_another_algorithm_says_only_srpo_weights_roles():
+    events = [{**_events()[0], "config": {"algorithm": {"name": "grpo", "beta": 0.0}}}, *_events()[1:]]
+    events = [{k: v for k, v in e.items() if not k.startswith("srpo/")} for e in events]
+    assert monitor.chart_notes(events)["Mean token weight per role"] == \
+        "only SRPO weights tokens by role (this run: grpo)"
+
+
+def test_events_log_is_the_log_tail_of_a_run_without_train_log():
+    events = _events() + [
+        {"type": "tokens", "step": 3, "time": 131.0, "n_samples": 2},
+        {"type": "eval", "step": 3, "time": 132.0, "protocol": "greedy", "accuracy": 0.5, "format_rate": 1.0},
+        {"type": "checkpoint", "step": 3, "time": 133.0, "path": "runs/x/checkpoints/step_000003"},
+        {"type": "status", "step": 3, "time": 134.0, "status": "finished", "message": "done"}]
+    lines = monitor.events_log(events).splitlines()
+    assert lines[0] == monitor.EVENTS_LOG_NOTE and len(lines) == 1 + 7  # the tokens record is not a line
+    assert lines[1].endswith("running at step 0: srpo on m")
+    assert lines[3].endswith("step 2  reward 0.750  accuracy -  format -  loss -  (- s)")
+    assert lines[-3].endswith("eval at step 3: accuracy 0.500, format rate 1.000 (greedy)")
+    assert lines[-1].endswith("finished at step 3: done")
+    assert monitor.events_log(events, max_lines=2).splitlines()[1:] == lines[-2:]
+    assert monitor.events_log([]) == ""
 
 
 def test_event_tail_is_incremental_and_resets_on_rewrite(tmp_path):

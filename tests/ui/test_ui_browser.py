@@ -7,6 +7,7 @@ offers Resume; a screenshot that is not blank.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -244,3 +245,72 @@ def test_ui_launch_monitor_tokens_stop_resume(app, tmp_path):
     assert len(image.getcolors(maxcolors=1 << 20) or []) > 50
     shutil.copy(shot, runs_dir / "monitor.png")
     assert time.time() - t_start < 180, f"browser test took {time.time() - t_start:.0f}s (limit 3 min)"
+
+
+def test_monitor_of_a_finished_cli_run_reads_like_tensorboard(app, tmp_path):
+    """A run trained from the command line (no train.log), finished, with held-out evals: every chart
+    that is drawn has lines, the ones with nothing to show are a line of text; step series are smoothed
+    over their faint raw values; the eval curve is drawn; the log tail comes from the run's events."""
+    from playwright.sync_api import sync_playwright
+
+    from lite_srpo.config import config_from_dict
+    from lite_srpo.rl.train import train
+    from tests.conftest import tiny_recipe
+    from ui.monitor import PALETTE, PLOTS, faint
+    from ui.tab_monitor import plot_id
+
+    url, runs_dir, tiny = app
+    t_start = time.time()
+    # grpo (beta 0: no KL), no warm-up (no SFT loss), held-out eval after steps 2 and 4
+    train(config_from_dict(tiny_recipe(tiny, runs_dir, name="cli_run", algorithm__beta=0.0, train__steps=4,
+                                       train__save_every=0, train__eval_every=2, train__eval_samples=2)), quiet=True)
+    assert not (runs_dir / "cli_run" / "train.log").exists()
+
+    def strokes(page, elem: str) -> set[str]:
+        return set(page.eval_on_selector_all(f"#{elem} .mark-line path", "ps => ps.map(p => p.getAttribute('stroke'))"))
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 2200})
+        try:
+            page.goto(url, wait_until="domcontentloaded")
+            page.get_by_role("tab", name="Monitor").click()
+            wait_status(page, lambda s, n: s == "finished" and n == 4, 30, "the finished run")
+            page.wait_for_selector("#plot-reward .mark-line path", state="attached", timeout=60_000)
+            page.wait_for_selector("#plot-kl-note", state="visible", timeout=20_000)
+
+            # no empty frame: each chart is drawn with marks, or hidden with its one-line reason instead
+            for title in PLOTS:
+                elem = plot_id(title)
+                if page.locator(f"#{elem}").is_visible():
+                    assert page.locator(f"#{elem} .mark-line path, #{elem} .mark-symbol path").count() >= 1, title
+                    assert not page.locator(f"#{elem}-note").is_visible(), title
+                else:
+                    assert page.locator(f"#{elem}-note").inner_text().strip(), title
+            assert not page.locator("#plot-kl").is_visible()
+            assert "algorithm.beta = 0" in page.locator("#plot-kl-note").inner_text()
+            assert not page.locator("#plot-sft").is_visible() and page.locator("#plot-sft-note").is_visible()
+
+            # the held-out eval: one point per eval event (steps 2 and 4, accuracy and format rate)
+            assert page.locator("#plot-held-out").is_visible()
+            assert page.locator("#plot-held-out .mark-symbol path").count() >= 2
+
+            # smoothed series over their faint raw values; smoothing 0 leaves the raw lines only
+            assert {PALETTE[0], faint(PALETTE[0])} <= strokes(page, "plot-reward")
+            box = page.locator("#smoothing input[type=number]")
+            box.fill("0")
+            box.press("Enter")
+            page.wait_for_function(
+                f"() => ![...document.querySelectorAll('#plot-reward .mark-line path')]"
+                f".some(p => p.getAttribute('stroke') === '{faint(PALETTE[0])}')", timeout=15_000)
+            assert PALETTE[0] in strokes(page, "plot-reward")
+
+            # the log tail of a CLI run: its events as log lines, up to the final status
+            log = page.locator("#log-tail textarea").input_value()
+            assert "eval at step 2: accuracy" in log and "finished at step 4" in log, log[-1000:]
+        except Exception:
+            with contextlib.suppress(Exception):  # for the report; never hides the failure itself
+                page.screenshot(path=str(tmp_path / "failure.png"), full_page=True, timeout=15_000)
+            raise
+        browser.close()
+    assert time.time() - t_start < 120, f"took {time.time() - t_start:.0f}s"
