@@ -118,7 +118,10 @@ def build(ctx, run_select: gr.Dropdown, timer: gr.Timer) -> None:
 
     timer.tick(tick, [run_select, smoothing, seen], outputs, show_progress="hidden", concurrency_limit=4)
     run_select.change(tick, [run_select, smoothing, gr.State({})], outputs, show_progress="hidden")
-    smoothing.change(tick, [run_select, smoothing, seen], outputs, show_progress="hidden", trigger_mode="always_last")
+    # The browser's plots keep their drawn paths when only the data changes: clear them, then redraw.
+    smoothing.change(lambda: [gr.update(value=None)] * len(plots), None, plots, show_progress="hidden",
+                     trigger_mode="always_last").then(
+        tick, [run_select, smoothing, gr.State({})], outputs, show_progress="hidden")
 
     def do_stop(run_path: str | None) -> str:
         return control.stop(run_path).message if run_path else "select a run first"

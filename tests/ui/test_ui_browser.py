@@ -295,9 +295,14 @@ def test_monitor_of_a_finished_cli_run_reads_like_tensorboard(app, tmp_path):
             assert page.locator("#plot-held-out").is_visible()
             assert page.locator("#plot-held-out .mark-symbol path").count() >= 2
 
-            # smoothed series over their faint raw values (moving the slider is not checked here: see README's
-            # Status, the chart keeps its faint lines after the slider goes to 0)
+            # smoothed series over their faint raw values; the slider at 0 leaves the raw lines only
             assert {PALETTE[0], faint(PALETTE[0])} <= strokes(page, "plot-reward")
+            page.locator("#smoothing input[type=range]").press("Home")  # the keyboard's way to the slider's 0
+            page.wait_for_function(
+                f"() => {{ const s = [...document.querySelectorAll('#plot-reward .mark-line path')]"
+                f".map(p => p.getAttribute('stroke')); return s.length > 0 && !s.includes('{faint(PALETTE[0])}'); }}",
+                timeout=15_000)
+            assert PALETTE[0] in strokes(page, "plot-reward")
 
             # the log tail of a CLI run: its events as log lines, up to the final status
             log = page.locator("#log-tail textarea").input_value()
