@@ -16,9 +16,6 @@ from .plot import DEFAULT_SMOOTHING, ema
 
 SMOOTHED = ("reward/mean", "accuracy")  # shown as EMAs: one step's value is noise
 RAW = ("format_rate", "loss/total")
-TRACKER_DIRS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # where run/trackers.py writes, under the run
-
-
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rest = divmod(seconds, 3600)
@@ -30,7 +27,8 @@ def outputs_line(run_dir: str | Path, report_to: list[str] | tuple[str, ...] = (
     """The run's first line: where its events, checkpoints, curves and tracker files go."""
     d = Path(run_dir)
     every = f" every {save_every} steps and at the end" if save_every else " at the end"
-    trackers = ", ".join(f"{d / TRACKER_DIRS.get(name, name)}/ ({name})" for name in report_to) or \
+    # run/trackers.py writes each tracker's files under <run>/<tracker name>
+    trackers = ", ".join(f"{d / name}/ ({name})" for name in report_to) or \
         "none (train.report_to is empty)"
     return (f"[run] {d}: events {d / 'events.jsonl'} · checkpoints {d / 'checkpoints'}/{every} · "
             f"curves {d / 'curves.png'} at the end (any time: lite-srpo plot {d}) · trackers {trackers}")
