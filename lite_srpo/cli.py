@@ -85,6 +85,8 @@ def _compare():
                        help="a named arm with its own overrides, e.g. "
                             "srpo_po='algorithm.name=srpo algorithm.srpo.consistency=perception_only' (repeatable)")
         p.add_argument("--seeds", type=int, default=1, help="seeds per arm (train.seed, +1, ...); CIs need >= 3")
+        p.add_argument("--first-seed", type=int, default=0,
+                       help="start at train.seed + N: more seeds for an earlier comparison, merged by --report")
         p.add_argument("--out", default="runs/compare")
         p.add_argument("--report", nargs="+", metavar="COMPARE_JSON", default=None,
                        help="no training: re-analyse saved compare.json files (same warm-up and items; merged), "
@@ -99,7 +101,7 @@ def _compare():
         from .eval.compare import run_compare
 
         arms = tuple(x for x in a.arms.split(",") if x) + tuple(a.arm)
-        run_compare(a.recipe, a.overrides, arms, a.out, seeds=a.seeds)
+        run_compare(a.recipe, a.overrides, arms, a.out, seeds=a.seeds, first_seed=a.first_seed)
         return 0
     return add, run
 

@@ -58,7 +58,11 @@ def step_times(run_dir: Path) -> tuple[float, float]:
 
 
 def run_compare(recipe: str | None = None, overrides: list[str] | None = None,
-                arms: tuple[str, ...] = DEFAULT_ARMS, out_dir: str = "runs/compare", seeds: int = 1) -> dict:
+                arms: tuple[str, ...] = DEFAULT_ARMS, out_dir: str = "runs/compare", seeds: int = 1,
+                first_seed: int = 0) -> dict:
+    """Train every arm for seeds `train.seed + first_seed … + first_seed + seeds − 1` and score each run.
+    `first_seed` extends an earlier comparison by more seeds into a new folder; `compare --report` then
+    merges both files seed by seed."""
     root = Path(out_dir)
     cfg = load_config(recipe or DEMO_RECIPE, overrides or [])
     ensure_model(cfg)
@@ -77,7 +81,7 @@ def run_compare(recipe: str | None = None, overrides: list[str] | None = None,
         items[name] = {protocol_key(p): [] for p in PROTOCOLS}
     # Seeds outside, arms inside: a run stopped early leaves every arm with the same seeds, so the
     # paired contrasts of the finished seeds are complete.
-    for k in range(seeds):
+    for k in range(first_seed, first_seed + seeds):
         for name, arm_overrides in parsed:
             cfg_arm = arm_config(base, arm_overrides, overrides or [], name, root, warm.train.seed + k)
             t0 = time.perf_counter()
@@ -100,7 +104,7 @@ def run_compare(recipe: str | None = None, overrides: list[str] | None = None,
                    "warmup": {k2: {k3: v for k3, v in r.items() if k3 != "items"} for k2, r in start.items()},
                    "warmup_items": {k2: r["items"] for k2, r in start.items()},
                    "runs": rows, "items": items}
-            out.update(analyse({"items": done}))
+            out.update(analyse({"items": done, "runs": rows}))
             (root / "compare.json").write_text(json.dumps(out, indent=1))  # after every run: partial results survive
     curves = compare_curves(root, rows)
     if curves is not None:

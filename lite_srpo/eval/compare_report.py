@@ -33,14 +33,36 @@ def pairs_for(arms: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def contrast(a: list[list[float]], b: list[list[float]], n_contrasts: int) -> dict:
+def arm_seeds(result: dict) -> dict[str, list[int]]:
+    """Each arm's seeds, in the order of its per-seed score lists (the order its runs finished)."""
+    if "arm_seeds" in result:
+        return result["arm_seeds"]
+    out: dict[str, list[int]] = {}
+    for r in result.get("runs", []):
+        out.setdefault(r["arm"], []).append(r["seed"])
+    return {arm: out.get(arm, list(range(len(per["greedy"])))) for arm, per in result["items"].items()}
+
+
+def common_seeds(a: list[list[float]], seeds_a: list[int], b: list[list[float]], seeds_b: list[int]):
+    """The two arms' score lists restricted to the seeds both finished, in seed order: a contrast pairs
+    seed k of one arm with seed k of the other, never with whichever run happened to be k-th."""
+    shared = sorted(set(seeds_a[:len(a)]) & set(seeds_b[:len(b)]))
+    return ([a[seeds_a.index(s)] for s in shared], [b[seeds_b.index(s)] for s in shared], shared)
+
+
+def contrast(a: list[list[float]], b: list[list[float]], n_contrasts: int,
+             seeds_a: list[int] | None = None, seeds_b: list[int] | None = None) -> dict:
     """Arm a minus arm b on the seeds both finished (same items), in accuracy units (×100 for points)."""
-    k = min(len(a), len(b))
-    out = paired_seeds_items(a[:k], b[:k])
+    seeds_a = seeds_a if seeds_a is not None else list(range(len(a)))
+    seeds_b = seeds_b if seeds_b is not None else list(range(len(b)))
+    a, b, shared = common_seeds(a, seeds_a, b, seeds_b)
+    k = len(shared)
+    out = paired_seeds_items(a, b)
     out["seeds"] = k
-    out["ci_bonferroni"] = paired_seeds_items(a[:k], b[:k], level=1 - 0.05 / max(n_contrasts, 1))["ci95"]
+    out["seed_values"] = shared
+    out["ci_bonferroni"] = paired_seeds_items(a, b, level=1 - 0.05 / max(n_contrasts, 1))["ci95"]
     out["t95"] = seeds_t_interval(out["per_seed"])
-    diffs = (np.asarray(a[:k], dtype=np.float64) - np.asarray(b[:k], dtype=np.float64)).tolist()
+    diffs = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).tolist()
     if k >= 2:
         comp = variance_components(diffs)
         out["variance_components"] = comp
@@ -52,27 +74,39 @@ def contrast(a: list[list[float]], b: list[list[float]], n_contrasts: int) -> di
 def analyse(result: dict) -> dict:
     """Per-arm means with CIs and every contrast, from `result["items"][arm][protocol] = [seed][item]`."""
     items = {arm: per for arm, per in result["items"].items() if per.get("greedy")}
+    seeds = arm_seeds(result)
     pairs = pairs_for(list(items))
     arms = {arm: {key: seeds_items_ci(v) | {"per_seed": np.mean(v, axis=1).tolist()}
-                  for key, v in per.items() if v} for arm, per in items.items()}
-    paired = {f"{a}-{b}": {key: contrast(items[a][key], items[b][key], len(pairs)) for key in PROTOCOL_KEYS}
+                  for key, v in per.items() if v} | {"seeds": seeds.get(arm, [])[:len(per["greedy"])]}
+            for arm, per in items.items()}
+    paired = {f"{a}-{b}": {key: contrast(items[a][key], items[b][key], len(pairs), seeds.get(a), seeds.get(b))
+                           for key in PROTOCOL_KEYS}
               for a, b in pairs}
     return {"arms": arms, "paired": paired}
 
 
 def merge(results: list[dict]) -> dict:
-    """Several compare results from the same warm-up and test items as one (arms from later files are
-    added; an arm present twice keeps the first). Refuses results scored on different items."""
+    """Several compare results from the same warm-up and test items as one. Arms from later files are
+    added, and so are an arm's seeds that an earlier file lacks (`compare --first-seed` runs); a seed
+    present twice keeps the first file's run. Each arm's seeds end up in seed order. Refuses results
+    scored on different items."""
     base = dict(results[0])
-    base["items"] = {k: v for k, v in results[0]["items"].items()}
-    base["runs"] = list(results[0]["runs"])
-    for other in results[1:]:
-        if other["n_test"] != base["n_test"] or other["warmup_items"] != base["warmup_items"]:
+    by_seed: dict[str, dict[int, dict[str, list[float]]]] = {}
+    runs: list[dict] = []
+    for i, other in enumerate(results):
+        if i and (other["n_test"] != base["n_test"] or other["warmup_items"] != base["warmup_items"]):
             raise ValueError("compare --report: these results do not share the warm-up and test items")
+        seeds = arm_seeds(other)
         for arm, per in other["items"].items():
-            if arm not in base["items"]:
-                base["items"][arm] = per
-                base["runs"] += [r for r in other["runs"] if r["arm"] == arm]
+            for j, seed in enumerate(seeds[arm][:len(per["greedy"])]):
+                if seed in by_seed.setdefault(arm, {}):
+                    continue
+                by_seed[arm][seed] = {key: v[j] for key, v in per.items() if len(v) > j}
+                runs += [r for r in other.get("runs", []) if r["arm"] == arm and r["seed"] == seed]
+    base["items"] = {arm: {key: [per[s][key] for s in sorted(per) if key in per[s]] for key in PROTOCOL_KEYS}
+                     for arm, per in by_seed.items()}
+    base["arm_seeds"] = {arm: sorted(per) for arm, per in by_seed.items()}
+    base["runs"] = runs
     return base
 
 

@@ -66,3 +66,30 @@ def test_report_cli_writes_json_and_png(tmp_path):
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert report([str(path)], out=str(tmp_path / "again.json"))["paired"].keys() == saved["paired"].keys()
+
+
+def test_merge_adds_later_seeds_and_pairs_contrasts_by_seed_value():
+    """`compare --first-seed 3` results merged into a 3-seed comparison: each arm gets its new seeds in
+    seed order, and a contrast pairs seed k with seed k even when the arms' runs finished in another
+    order. Scores are constants, so every number is checkable by hand."""
+    def const(arm_scores: dict[str, dict[int, float]], n: int = 5) -> dict:
+        items, runs = {}, []
+        for arm, per_seed in arm_scores.items():
+            items[arm] = {key: [[v] * n for v in per_seed.values()] for key in ("greedy", "avg@8")}
+            runs += [{"arm": arm, "seed": s, "seconds_per_step": 1.0} for s in per_seed]
+        return {"task": "t", "n_test": n, "steps": 1, "seeds": 1, "items": items, "runs": runs,
+                "warmup": {}, "warmup_items": {"greedy": [0.0] * n, "avg@8": [0.0] * n}}
+
+    first = const({"dapo": {0: 0.5, 1: 0.6, 2: 0.4}, "srpo": {0: 0.6, 1: 0.6, 2: 0.5}})
+    later = const({"dapo": {3: 0.3, 2: 0.9}, "srpo": {3: 0.5}})  # seed 2 of dapo again: the first file's stays
+    merged = merge([first, later])
+    assert merged["arm_seeds"] == {"dapo": [0, 1, 2, 3], "srpo": [0, 1, 2, 3]}
+    assert [row[0] for row in merged["items"]["dapo"]["avg@8"]] == [0.5, 0.6, 0.4, 0.3]
+    d = analyse(merged)["paired"]["srpo-dapo"]["avg@8"]
+    assert d["seeds"] == 4 and d["seed_values"] == [0, 1, 2, 3]
+    assert np.allclose(d["per_seed"], [0.1, 0.0, 0.1, 0.2])
+    assert d["mean"] == pytest.approx(0.1)
+    # arms that share only some seeds are compared on those alone, matched by value
+    partial = const({"dapo": {2: 0.4, 0: 0.5}, "srpo": {0: 0.7, 5: 0.1}})
+    p = analyse(partial)["paired"]["srpo-dapo"]["avg@8"]
+    assert p["seed_values"] == [0] and np.allclose(p["per_seed"], [0.2])

@@ -116,3 +116,9 @@ def test_compare_two_arms_one_step_writes_compare_json(tiny_qwen, tmp_path):
         recipe_of_run = yaml.safe_load((runs[0] / "recipe.yaml").read_text())
         assert recipe_of_run["algorithm"]["name"] == name
         assert recipe_of_run["model"]["path"].endswith(pipeline.WARMUP_DIR)
+    # more seeds later (`--first-seed`): the same warm-up, seed train.seed + 2, merged by seed value
+    more = run_compare(str(path), [], arms=("dapo",), out_dir=str(tmp_path / "more"), seeds=1, first_seed=2)
+    seed0 = saved["runs"][0]["seed"]
+    assert [r["seed"] for r in more["runs"]] == [seed0 + 2] and (tmp_path / "more" / f"compare_dapo_s{seed0 + 2}").is_dir()
+    from lite_srpo.eval.compare_report import merge
+    assert merge([saved, more])["arm_seeds"]["dapo"] == [seed0, seed0 + 2]
