@@ -88,8 +88,30 @@ def slopes(rows: list[dict], algo: str, base_g: int) -> dict:
             "growth_kib_per_response_token": per_token_kib}
 
 
-FEATURES = {"off": (False, 0), "offload": (True, 0), "recompute_chunk": (False, 1024), "both": (True, 1024)}
-FEATURE_COLUMNS = ["R", "features", "start_gib", "peak_update_gib", "update_s", "slowdown", "offload_kept_mib", "offload_moved_mib"]
+FEATURES = {"off": (False, 0), "offload": (True, 0), "recompute_chunk": (False, 1024), "both": (True, 1024),
+            "recompute_chunk_attn": (False, 1024)}  # the last: the attention projections chunked too (not a recipe setting)
+FEATURE_COLUMNS = ["R", "features", "start_gib", "peak_update_gib", "planned_update_gib", "plan_error", "update_s",
+                   "slowdown", "offload_kept_mib", "offload_moved_mib"]
+PLAN_TOLERANCE = 0.15  # issue 24: measured peak within 15 % of the planned one at every length and feature set
+
+
+def planned_update(job: dict, features: str, prompt_tokens: int) -> float:
+    """The planner's update-phase peak (fixed memory + update terms, CPU RSS) for the `--features` job:
+    one row of `prompt_tokens` + R tokens, micro-batch 1, the feature set's keys switched on."""
+    import tempfile
+
+    from bench.common import step_recipe
+    from lite_srpo.config import config_from_dict
+    from lite_srpo.model.memory.plan import plan
+
+    offload, chunk = FEATURES[features]
+    step = {"model": job["model"], "algo": "grpo", "G": 2, "R": job["R"], "B": 1, "micro_batch": 1,
+            "chunk": job["chunk"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = step_recipe(step, tmp)
+        data["train"].update(offload_activations=offload, recompute_chunk=job["recompute_chunk"] if chunk else 0)
+        cfg = config_from_dict(data)
+    return plan(cfg, device="cpu", prompt_tokens=prompt_tokens)["phases"]["update"]
 
 
 def _release_heap() -> None:
@@ -111,7 +133,8 @@ def _set_features(policy, name: str, recompute_chunk: int):
     offload, chunk = FEATURES[name]
     hooks = ActivationOffload(policy.device, move=offload)  # move=False only counts what stays on the device
     install_offload(policy.hf, hooks)
-    install_chunked_mlp(policy.hf, recompute_chunk if chunk else 2**62)  # a chunk longer than any input = off
+    # a chunk longer than any input = off
+    install_chunked_mlp(policy.hf, recompute_chunk if chunk else 2**62, attention=name == "recompute_chunk_attn")
     return hooks
 
 
@@ -193,11 +216,16 @@ def feature_sweep(a, model: str) -> list[dict]:
             row = {"R": r, "features": pt["features"], "prompt": res["prompt_tokens"], "job": job,
                    "start_gib": pt["start_gib"], "peak_update_gib": pt["peak"][peak_key],
                    **{k: pt[k] for k in ("update_s", "times", "offload_kept_mib", "offload_moved_mib")}}
+            if row["features"] != "recompute_chunk_attn":  # not a recipe setting: nothing to plan
+                row["planned_update_gib"] = planned_update(job, row["features"], res["prompt_tokens"])
+                row["plan_error"] = row["peak_update_gib"] / row["planned_update_gib"] - 1
             base = row if row["features"] == "off" else base
             row["slowdown"] = row["update_s"] / base["update_s"] if base else None
             rows.append(row)
-            print(f"  R={r} {row['features']}: peak {row['peak_update_gib']:.3f} GiB, {row['update_s']:.1f} s",
-                  flush=True)
+            planned = (f", planned {row['planned_update_gib']:.3f} GiB ({100 * row['plan_error']:+.1f} %)"
+                       if "plan_error" in row else "")
+            print(f"  R={r} {row['features']}: peak {row['peak_update_gib']:.3f} GiB{planned}, "
+                  f"{row['update_s']:.1f} s", flush=True)
     return rows
 
 

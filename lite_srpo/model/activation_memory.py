@@ -12,7 +12,12 @@ Three update-time memory savers, all off by default (`train.offload_activations`
 - Chunked MLP recompute. The MLP's `[tokens, I]` intermediates (gate, up, their product; I ≈ 4-5 H) are
   the largest tensors a layer's recompute makes. With `recompute_chunk = c` the MLP runs over `c`
   tokens at a time, each chunk checkpointed, so backward rebuilds one chunk's intermediates at a time.
-  Only with grad on (the update); no-grad passes and generation run the MLP as before.
+  Only with grad on (the update); no-grad passes and generation run as before. The attention
+  projections (q, k, v, o with their LoRA adapters) can run the same way (`attention=True`), but that
+  was measured to save nothing: at 4,096 tokens the update's peak was 0.709 GiB with them chunked
+  against 0.693 GiB with the MLP alone, for 8 % more time (bench/README.md, issue 24). What attention
+  needs (q, k, v and its output for the whole sequence) cannot be chunked, and the projections'
+  temporaries are H-wide, against the MLP's 4I. So `train.recompute_chunk` chunks the MLPs only.
 - Causal-only attention (`causal_inputs`): a micro-batch with no padding, or padding only after each
   row's last token, needs no `[L, L]` mask under SDPA's causal flag (dropped when either feature is on;
   with no padding at all transformers drops it anyway).
@@ -34,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 log = logging.getLogger(__name__)
 
 MLP_NAME = re.compile(r".*(language_model|text_model)\.layers\.\d+\.mlp$")
+ATTENTION_PROJ_NAME = re.compile(r".*(language_model|text_model)\.layers\.\d+\.self_attn\.[qkvo]_proj$")
 
 
 @dataclass
@@ -131,16 +137,27 @@ def chunked_mlp_forward(forward: Callable, chunk: int) -> Callable:
     return forward_in_chunks
 
 
-def install_chunked_mlp(model: torch.nn.Module, chunk: int) -> int:
-    """Wrap every language-model decoder MLP's forward (once); returns how many."""
+def chunk_modules(model: torch.nn.Module, attention: bool = True) -> list[tuple[str, torch.nn.Module]]:
+    """The language model's decoder MLPs, and (with `attention`) its q/k/v/o projections (with their
+    LoRA adapters: peft wraps the projection, so the wrapper is the matched module)."""
+    pats = [MLP_NAME] + ([ATTENTION_PROJ_NAME] if attention else [])
+    return [(name, m) for name, m in model.named_modules() if any(p.match(name) for p in pats)]
+
+
+def install_chunked_mlp(model: torch.nn.Module, chunk: int, attention: bool = False) -> int:
+    """Wrap every language-model decoder MLP's forward, and the attention projections' with `attention`,
+    so that with grad on they run `chunk` tokens at a time (installed once; calling again re-chunks, and
+    `attention=False` puts the projections' own forward back). Returns how many modules are chunked."""
     count = 0
-    for name, m in model.named_modules():
-        if MLP_NAME.match(name):
-            original = getattr(m.forward, "lite_srpo_original", m.forward)
-            wrapped = chunked_mlp_forward(original, chunk)
-            wrapped.lite_srpo_original = original  # type: ignore[attr-defined]
-            m.forward = wrapped
-            count += 1
+    for name, m in chunk_modules(model, attention=True):
+        original = getattr(m.forward, "lite_srpo_original", m.forward)
+        if ATTENTION_PROJ_NAME.match(name) and not attention:
+            m.forward = original
+            continue
+        wrapped = chunked_mlp_forward(original, chunk)
+        wrapped.lite_srpo_original = original  # type: ignore[attr-defined]
+        m.forward = wrapped
+        count += 1
     return count
 
 

@@ -7,6 +7,13 @@ rows at a time; each chunk keeps only one float per row (log-prob, entropy or KL
 each chunk runs under `torch.utils.checkpoint`, so backward recomputes that chunk's logits instead of
 keeping them. Peak extra memory is therefore a few `chunk × V` buffers, whatever N and T are.
 
+`token_logprobs` with grad does better than recompute (Liger's fused linear cross-entropy idea): the
+gradient of each log-prob with respect to its hidden state, `(onehot(target) − softmax) · W / T`, is
+computed in the forward while the chunk's logits exist, and kept (`[tokens, H]`, like the hidden states
+themselves); backward only scales it by the incoming gradient. That is two `[c, H] × [H, V]` matmuls
+per chunk instead of three (forward, recompute, backward). It applies when the lm_head weight and bias
+are frozen, as with LoRA; otherwise the checkpointed path runs.
+
 Precision: logits are fp32 before any softmax. When the lm_head weight is bf16/fp16 (as in a 4-bit or
 bf16 model), the matmul runs in the weight's dtype (as the model's own lm_head would; on GPU it
 accumulates in fp32) and its output is upcast, because upcasting the weight would cost a `V × H` fp32
@@ -85,6 +92,38 @@ def _stream(fn: Callable, rows: tuple[torch.Tensor, ...], shared: tuple, chunk: 
     return [torch.cat(col) for col in zip(*outs)]
 
 
+class _FusedTokenLogprobs(torch.autograd.Function):
+    """Target log-probs `[M]` of hidden rows `[M, H]`, with d logp / d h computed chunk by chunk in the
+    forward (frozen weight and bias), so backward is one broadcast multiply."""
+
+    @staticmethod
+    def forward(ctx, rows, targets, weight, bias, temperature, chunk):  # noqa: ANN001 - autograd signature
+        out_dtype = torch.promote_types(weight.dtype, torch.float32)
+        logp = torch.empty(rows.shape[0], dtype=out_dtype, device=rows.device)
+        grad = torch.empty_like(rows)
+        for start in range(0, rows.shape[0], chunk):
+            h, t = rows[start:start + chunk], targets[start:start + chunk].clamp(min=0)
+            logits = _logits(h, weight, bias, temperature)  # [c, V]
+            logz = torch.logsumexp(logits, dim=-1)  # [c]
+            logp[start:start + chunk] = logits.gather(1, t.unsqueeze(1)).squeeze(1) - logz
+            probs = logits.sub_(logz.unsqueeze(1)).exp_()  # softmax, in the logits' buffer
+            probs.scatter_add_(1, t.unsqueeze(1), torch.full_like(logz, -1.0).unsqueeze(1))  # p − onehot
+            g = probs.to(weight.dtype) @ weight  # [c, H]
+            grad[start:start + chunk] = g.neg_().div_(temperature).to(rows.dtype)
+        ctx.save_for_backward(grad)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):  # noqa: ANN001
+        (grad,) = ctx.saved_tensors
+        return grad * grad_logp.to(grad.dtype).unsqueeze(1), None, None, None, None, None
+
+
+def _fusable(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (torch.is_grad_enabled() and rows.requires_grad and not weight.requires_grad
+            and (bias is None or not bias.requires_grad))
+
+
 def _rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])  # [N*T, H]; copies only if hidden is a strided slice
 
@@ -106,8 +145,12 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: 
     n, t = hidden.shape[:2]
     tgt = _targets(hidden, targets)  # [N*T]
     out_dtype = torch.promote_types(lm_head_weight.dtype, torch.float32)
-    (logp,) = _stream(_logp_chunk, (_rows(hidden), tgt), (lm_head_weight, lm_head_bias, temperature), chunk,
-                      1, out_dtype)
+    rows = _rows(hidden)
+    if _fusable(rows, lm_head_weight, lm_head_bias) and rows.shape[0] > 0:
+        logp = _FusedTokenLogprobs.apply(rows, tgt, lm_head_weight, lm_head_bias, temperature, chunk)
+    else:
+        (logp,) = _stream(_logp_chunk, (rows, tgt), (lm_head_weight, lm_head_bias, temperature), chunk,
+                          1, out_dtype)
     logp = torch.where(tgt >= 0, logp, torch.zeros_like(logp))
     return logp.view(n, t)
 

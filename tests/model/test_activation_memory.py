@@ -10,7 +10,7 @@ from lite_srpo.config import LoraConfig, ModelConfig
 from lite_srpo.data.prompts import ResponseFormat
 from lite_srpo.data.tasks import make_task
 from lite_srpo.errors import ModelError
-from lite_srpo.model.activation_memory import ActivationOffload, attention_padding, causal_inputs, install_offload
+from lite_srpo.model.activation_memory import ATTENTION_PROJ_NAME, ActivationOffload, install_chunked_mlp, attention_padding, causal_inputs, install_offload
 from lite_srpo.model.memory.activation_terms import (attention_mask_bytes, checkpoint_inputs_device_bytes,
                                                      checkpoint_inputs_host_bytes, mlp_intermediate_bytes)
 from lite_srpo.model.policy import load_policy
@@ -106,6 +106,28 @@ class SavedSizes:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
+class SavedRows:
+    """Rows (tokens) of the tensors autograd saves inside the matched modules' own forwards: a module's
+    forward hooks open and close a saved-tensor window around it."""
+
+    def __init__(self, policy, pattern):
+        self.rows: set[int] = set()
+        self.inside = 0
+        self.weights = {p.untyped_storage().data_ptr() for p in policy.hf.parameters()}  # not activations
+        for name, m in policy.hf.named_modules():
+            if pattern.match(name):
+                m.register_forward_pre_hook(lambda *_: setattr(self, "inside", self.inside + 1))
+                m.register_forward_hook(lambda *_: setattr(self, "inside", self.inside - 1))
+
+    def pack(self, t):
+        if self.inside and t.dim() >= 2 and t.untyped_storage().data_ptr() not in self.weights:
+            self.rows.add(t[..., 0].numel())
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
 def test_recompute_chunk_matches_and_never_saves_a_whole_mlp_intermediate(tiny_qwen, batch):
     plain = make_policy(tiny_qwen)
     logp0, g0 = update_grads(plain, batch)
@@ -127,6 +149,18 @@ def test_recompute_chunk_matches_and_never_saves_a_whole_mlp_intermediate(tiny_q
         sizes[chunk] = spy.largest
     assert sizes[0] == tokens * inter == mlp_intermediate_bytes(tokens, inter, 1) // 4
     assert sizes[8] == 0
+    # the attention projections can run in chunks too (`attention=True`: bench only, it saved nothing
+    # measurable): then nothing they save spans the whole sequence; the recipe's setting leaves them whole
+    n_proj = {}
+    for chunk in (0, 8, "attention"):
+        policy = make_policy(tiny_qwen, gc=False, recompute_chunk=0 if chunk == 0 else 8)
+        if chunk == "attention":
+            install_chunked_mlp(policy.hf, 8, attention=True)
+        spy = SavedRows(policy, ATTENTION_PROJ_NAME)
+        with spy.hooks():
+            update_grads(policy, batch)
+        n_proj[chunk] = spy.rows
+    assert n_proj[0] == n_proj[8] == {tokens} and max(n_proj["attention"]) <= 8  # a chunk (its checkpoint input)
     assert mlp_intermediate_bytes(tokens, inter, 4, 8) == 4 * 8 * inter * 4
 
 
