@@ -27,6 +27,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 _HALF = (torch.float16, torch.bfloat16)
+FUSED = True
+"""Process-wide switch for the fused gradient of a frozen lm_head, for benchmarks that measure the
+checkpointed path it replaces (bench/logprob_chunk_speed.py, bench/vs_trl.py --ablate)."""
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, chunk: int, temperature: float) -> None:
@@ -120,7 +123,7 @@ class _FusedTokenLogprobs(torch.autograd.Function):
 
 
 def _fusable(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (torch.is_grad_enabled() and rows.requires_grad and not weight.requires_grad
+    return (FUSED and torch.is_grad_enabled() and rows.requires_grad and not weight.requires_grad
             and (bias is None or not bias.requires_grad))
 
 
