@@ -193,6 +193,8 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
             "offload needs it)")
     add("[L, L] attention mask", "update", mask_bytes, mask_how)
     add("final hidden states + their grads", "update", m * s * h * (2 * b + 8), f"{m} x {s} x H")
+    add("fused lm_head gradient (kept from forward to backward)", "update", m * response * h * b,
+        f"{m} x {response} response tokens x H={h} x {b} B (d logp / d h, streaming.py)")
     grad_copies = LOGITS_COPIES_GRAD[4 if b == 4 else 2]
     add("streamed lm_head chunk (with backward)", "update", chunk * v * 4 * grad_copies,
         f"chunk {chunk} x V={v} x fp32 x {grad_copies:g} (independent of G and length)")
