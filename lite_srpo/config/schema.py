@@ -224,6 +224,9 @@ class TrainConfig:
     tokens_samples: int = 2
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0 = never during training)."""
+    eval_on_start: bool = False
+    """Also evaluate once before the first RL step (step 0), so the eval curve starts from the
+    baseline (TRL's `eval_on_start`). Not repeated on --resume."""
     eval_samples: int = 64
     max_consecutive_nonfinite: int = 3
     report_to: list[str] = field(default_factory=list)

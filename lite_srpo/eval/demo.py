@@ -21,7 +21,7 @@ from ..model.policy import load_policy
 from ..model.tiny import make_tiny
 from ..rl.evaluate import Protocol, evaluate
 from ..rl.pipeline import ensure_warmup
-from ..rl.train import train, write_curves_quietly
+from ..rl.train import setup, train, write_curves_quietly
 from ..run.events import read_events
 from .stats import paired_difference, with_ci
 
@@ -92,7 +92,11 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None) -> d
     t0 = time.perf_counter()
     print(f"[demo] RL: {rl_cfg.algorithm.name}, {rl_cfg.train.steps} steps, G={rl_cfg.rollout.group_size}, "
           f"{rl_cfg.rollout.prompts_per_step} prompts/step, lr {rl_cfg.optim.lr:g}")
-    run = train(rl_cfg, overwrite=True)
+    sft_events = [e for e in read_events(cfg.run_dir / "events.jsonl") if e["type"] == "sft"]
+    run = setup(rl_cfg, overwrite=True)  # clears the run folder's log, warm-up included
+    for e in sft_events:  # ... so the warm-up's loss goes back in: curves.png and the Monitor show it
+        run.events.write("sft", e.get("step"), **{k: v for k, v in e.items() if k not in ("type", "step", "time")})
+    run = train(rl_cfg, run=run)
     t_rl = time.perf_counter() - t0
     t0 = time.perf_counter()
     after = both_protocols(run.policy, rl_cfg, test_set, eval_seed)

@@ -372,6 +372,9 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
     saved_step = run.start_step
     with GracefulStop() as stop:
         try:
+            if cfg.train.eval_on_start and run.start_step == 0 and ctx.is_main:
+                with progress.timing_eval():
+                    periodic_eval(run, 0)  # the baseline: the eval curve starts before any update
             for step in range(run.start_step + 1, cfg.train.steps + 1):
                 metrics = step_with_oom_retry(run, step)
                 run.last_metrics = metrics

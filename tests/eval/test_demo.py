@@ -33,6 +33,13 @@ def test_demo_overrides_and_result_shape(tmp_path, capsys):
         diff = saved["change"][key]["mean"]
         assert diff == pytest.approx(saved["after"][key]["accuracy"] - saved["before"][key]["accuracy"])
     assert (tmp_path / "out" / "d" / "curves.png").is_file() and saved["curves"].endswith("curves.png")
+    # the RL run's log keeps the warm-up's SFT loss (curves.png's SFT panel) and starts its eval at step 0
+    from lite_srpo.run.events import read_events
+    from lite_srpo.run.plot import panel_notes
+    events = read_events(tmp_path / "out" / "d" / "events.jsonl")
+    assert [e["step"] for e in events if e["type"] == "sft"] == [1, 2]
+    assert [e["step"] for e in events if e["type"] == "eval"][:1] == [0]
+    assert "sft" not in panel_notes(events) and "eval" not in panel_notes(events)
     table = format_table(result)
     assert "avg@8" in table and "greedy" in table and "curves:" in table
 

@@ -128,3 +128,24 @@ def test_cli_missing_image_names_file_and_row(tiny_qwen, tmp_path):
     res = run_cli("train", str(path))
     assert res.returncode == 2 and "d.jsonl" in res.stderr and "missing.png" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_eval_on_start_gives_the_curve_a_step_0_baseline_once(tiny_qwen, tmp_path):
+    """train.eval_on_start: an eval event at step 0 before any update, then every eval_every steps;
+    resuming does not evaluate step 0 again."""
+    from lite_srpo.config import config_from_dict
+    from lite_srpo.rl.train import train
+    from lite_srpo.run.events import read_events
+
+    recipe = tiny_recipe(tiny_qwen, tmp_path, train__steps=2, train__save_every=1, train__eval_every=2,
+                         train__eval_samples=2, train__eval_on_start=True)
+    train(config_from_dict(recipe), quiet=True)
+    events = read_events(tmp_path / "t" / "events.jsonl")
+    evals = [e["step"] for e in events if e["type"] == "eval"]
+    first_metrics = next(i for i, e in enumerate(events) if e["type"] == "metrics")
+    assert evals == [0, 2]
+    assert [e["type"] for e in events[:first_metrics]].count("eval") == 1  # before the first update
+    recipe["train"]["steps"] = 4
+    train(config_from_dict(recipe), resume=True, quiet=True)
+    evals = [e["step"] for e in read_events(tmp_path / "t" / "events.jsonl") if e["type"] == "eval"]
+    assert evals == [0, 2, 4]
