@@ -176,6 +176,33 @@ def peak_gib() -> dict[str, float]:
     return {"peak_rss_gib": rss_peak_gib()}
 
 
+def allocated_peak_gib(fn) -> tuple[float, object]:
+    """Run `fn()` and return (the peak of tensor bytes allocated and not yet freed during it, in GiB,
+    above what was live before; fn's result). On CPU this is the analogue of CUDA's
+    `max_memory_allocated` (no allocator cache, no freed heap kept by glibc): summed from the profiler's
+    memory events in time order. On CUDA it is `max_memory_allocated` above the start."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - start) / GIB, out
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / GIB, out
+
+
 def current_gib() -> float:
     """Memory in use now: allocated on CUDA, resident set on CPU."""
     import torch

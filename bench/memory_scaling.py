@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.common import (GIB, RESULTS_DIR, bench_samples, build_bench_model, lite_step_job, measure_in_subprocess,
+from bench.common import (GIB, RESULTS_DIR, allocated_peak_gib, bench_samples, build_bench_model, lite_step_job, measure_in_subprocess,
                           current_gib, peak_gib, reset_peak, set_threads, table, worker_main, write_result)
 
 FULL_LOGITS_BYTES_PER_TOKEN = 4  # one fp32 logit per vocabulary entry per token (before log-softmax/grad copies)
@@ -90,14 +90,16 @@ def slopes(rows: list[dict], algo: str, base_g: int) -> dict:
 
 FEATURES = {"off": (False, 0), "offload": (True, 0), "recompute_chunk": (False, 1024), "both": (True, 1024),
             "recompute_chunk_attn": (False, 1024)}  # the last: the attention projections chunked too (not a recipe setting)
-FEATURE_COLUMNS = ["R", "features", "start_gib", "peak_update_gib", "planned_update_gib", "plan_error", "update_s",
-                   "slowdown", "offload_kept_mib", "offload_moved_mib"]
+FEATURE_COLUMNS = ["R", "features", "start_gib", "peak_update_gib", "planned_update_gib", "plan_error",
+                   "allocated_gib", "planned_allocated_gib", "alloc_error", "update_s", "slowdown", "offload_kept_mib"]
 PLAN_TOLERANCE = 0.15  # issue 24: measured peak within 15 % of the planned one at every length and feature set
 
 
-def planned_update(job: dict, features: str, prompt_tokens: int) -> float:
-    """The planner's update-phase peak (fixed memory + update terms, CPU RSS) for the `--features` job:
-    one row of `prompt_tokens` + R tokens, micro-batch 1, the feature set's keys switched on."""
+def planned_update(job: dict, features: str, prompt_tokens: int) -> tuple[float, float]:
+    """The planner's figures for the `--features` job (one row of `prompt_tokens` + R tokens, micro-batch
+    1, the feature set's keys switched on): the update-phase peak (fixed memory + update terms, CPU RSS),
+    and the update terms alone without glibc's kept heap (what the update allocates: the counterpart of
+    the measured allocation peak, and of the card's terms)."""
     import tempfile
 
     from bench.common import step_recipe
@@ -111,7 +113,9 @@ def planned_update(job: dict, features: str, prompt_tokens: int) -> float:
         data = step_recipe(step, tmp)
         data["train"].update(offload_activations=offload, recompute_chunk=job["recompute_chunk"] if chunk else 0)
         cfg = config_from_dict(data)
-    return plan(cfg, device="cpu", prompt_tokens=prompt_tokens)["phases"]["update"]
+    p = plan(cfg, device="cpu", prompt_tokens=prompt_tokens)
+    allocated = sum(t["gib"] for t in p["terms"] if t["phase"] == "update" and not t["name"].startswith("freed heap"))
+    return p["phases"]["update"], allocated
 
 
 def _release_heap() -> None:
@@ -189,7 +193,12 @@ def update_job(job: dict) -> dict:
         start = current_gib()
         times = [update(job["R"]) for _ in range(job.get("reps", 1))]
         stats = hooks.stats
-        out["points"].append({"features": name, "peak": peak_gib(), "start_gib": start, "update_s": min(times),
+        peak = peak_gib()
+        # a second, profiled update: the peak of live tensor bytes (CUDA's max_memory_allocated on CPU)
+        hooks.stats = type(stats)()
+        allocated, _ = allocated_peak_gib(lambda: update(job["R"]))
+        out["points"].append({"features": name, "peak": peak, "start_gib": start, "update_s": min(times),
+                              "allocated_gib": allocated,
                               "times": times,
                               "offload_kept_mib": (stats.kept_bytes / len(times) + stats.peak_resident_bytes) / 2**20,
                               "offload_moved_mib": stats.moved_bytes / len(times) / 2**20})
@@ -215,15 +224,19 @@ def feature_sweep(a, model: str) -> list[dict]:
             peak_key = "peak_allocated_gib" if "peak_allocated_gib" in pt["peak"] else "peak_rss_gib"
             row = {"R": r, "features": pt["features"], "prompt": res["prompt_tokens"], "job": job,
                    "start_gib": pt["start_gib"], "peak_update_gib": pt["peak"][peak_key],
-                   **{k: pt[k] for k in ("update_s", "times", "offload_kept_mib", "offload_moved_mib")}}
+                   **{k: pt[k] for k in ("update_s", "times", "allocated_gib", "offload_kept_mib",
+                                         "offload_moved_mib")}}
             if row["features"] != "recompute_chunk_attn":  # not a recipe setting: nothing to plan
-                row["planned_update_gib"] = planned_update(job, row["features"], res["prompt_tokens"])
+                row["planned_update_gib"], row["planned_allocated_gib"] = planned_update(job, row["features"],
+                                                                                         res["prompt_tokens"])
                 row["plan_error"] = row["peak_update_gib"] / row["planned_update_gib"] - 1
+                row["alloc_error"] = row["allocated_gib"] / row["planned_allocated_gib"] - 1
             base = row if row["features"] == "off" else base
             row["slowdown"] = row["update_s"] / base["update_s"] if base else None
             rows.append(row)
-            planned = (f", planned {row['planned_update_gib']:.3f} GiB ({100 * row['plan_error']:+.1f} %)"
-                       if "plan_error" in row else "")
+            planned = (f", planned {row['planned_update_gib']:.3f} GiB ({100 * row['plan_error']:+.1f} %); "
+                       f"allocated {row['allocated_gib']:.3f}, planned {row['planned_allocated_gib']:.3f} "
+                       f"({100 * row['alloc_error']:+.1f} %)" if "plan_error" in row else "")
             print(f"  R={r} {row['features']}: peak {row['peak_update_gib']:.3f} GiB{planned}, "
                   f"{row['update_s']:.1f} s", flush=True)
     return rows

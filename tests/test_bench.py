@@ -75,6 +75,27 @@ def test_memory_scaling_features_minimal(in_process, tmp_path):
     # the hooks' count: without offload every layer input stays (2 layers), with it about one layer's worth
     assert off["offload_moved_mib"] == 0 and both["offload_moved_mib"] > 0
     assert both["offload_kept_mib"] == pytest.approx(off["offload_kept_mib"] / 2)
+    # measured against planned: RSS against the update phase, allocated bytes against the update terms
+    for row in (off, both):
+        assert row["planned_update_gib"] > row["planned_allocated_gib"] > 0 and row["allocated_gib"] > 0
+        assert row["alloc_error"] == pytest.approx(row["allocated_gib"] / row["planned_allocated_gib"] - 1)
+
+
+def test_allocated_peak_counts_live_tensor_bytes_by_hand():
+    """The profiler-summed peak: a 4 MB tensor, then a second 4 MB one while the first lives, then
+    both freed: 8 MB at the peak (within the allocator's rounding), nothing live at the end."""
+    import torch
+
+    from bench.common import allocated_peak_gib
+
+    def work():
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = a * 2  # 4 MiB more while a lives
+        return float(b.sum())
+
+    peak, out = allocated_peak_gib(work)
+    assert out == 2 * 1024 * 1024
+    assert 8 * 2**20 <= peak * GIB < 8.1 * 2**20
 
 
 def test_memory_scaling_sweep_and_slopes():
