@@ -72,12 +72,12 @@ def test_recomputed_layer_with_recompute_chunk():
     assert full == pytest.approx(m * S * ((7 * h + 2 * kv + 4 * i) * b + 8 * h))
     for chunk in (512, 2048, 100_000):
         got = terms(cfg7(**{"train.recompute_chunk": chunk}))[("one layer recomputed for backward", "update")]
-        assert got == pytest.approx(m * S * ((7 * h + 2 * kv) * b + 8 * h) + m * min(chunk, S) * 4 * i * b)
+        assert got == pytest.approx(m * S * ((7 * h + 2 * kv) * b + 8 * h) + min(chunk, m * S) * 4 * i * b)
     # without checkpointing every layer's activations are stored, except each MLP's 4I intermediate, which the
     # chunked MLP recomputes one chunk at a time (offload needs checkpointing: the recipe refuses it here)
     no_gc = terms(cfg7(**{"model.gradient_checkpointing": "false", "train.recompute_chunk": 512}))
     assert no_gc[("activations of every layer", "update")] == pytest.approx(
-        m * S * D7.layers * ((7 * h + 2 * kv) * b + 8 * h) + m * min(512, S) * 4 * i * b)
+        m * S * D7.layers * ((7 * h + 2 * kv) * b + 8 * h) + min(512, m * S) * 4 * i * b)
     plain = terms(cfg7(**{"model.gradient_checkpointing": "false"}))
     assert plain[("activations of every layer", "update")] == pytest.approx(
         m * S * D7.layers * ((7 * h + 2 * kv + 4 * i) * b + 8 * h))
@@ -100,7 +100,7 @@ def test_every_term_is_in_the_plan_output_with_its_formula(capsys):
                       "train.offload_activations=true", "train.recompute_chunk=1024", "--gpu-mem", "24GiB"]) == 0
     out = capsys.readouterr().out
     for text in ("3 row(s) per generate call, rollout.generation_rows=3", "offloaded: pinned host memory",
-                 "MLP over chunks: 1 x 1024 x 4I x 2 B (train.recompute_chunk=1024)",
+                 "MLP over chunks: 1024 x 4I x 2 B (train.recompute_chunk=1024)",
                  "none: sdpa attention with a causal flag", "pinned host memory for offloaded activations"):
         assert text in out
 

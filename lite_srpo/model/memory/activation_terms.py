@@ -7,13 +7,16 @@ dtype's bytes; `kvd` the key/value width (kv_heads x head_dim); `i` the MLP inte
 from __future__ import annotations
 
 
-def checkpoint_inputs_device_bytes(tokens: int, hidden: int, layers: int, b: int, offload: bool) -> int:
+def checkpoint_inputs_device_bytes(tokens: int, hidden: int, layers: int, b: int, offload: bool,
+                                   resident_layers: int = 1) -> int:
     """Device bytes of the checkpointed layers' inputs during the update.
 
     Without offload every layer keeps its input until backward: layers x tokens x H x b. With offload
-    the inputs live in host memory and backward brings back one layer's at a time: tokens x H x b."""
+    the inputs live in host memory and backward brings back one layer's at a time: tokens x H x b,
+    which the hooks measure; the planner counts `resident_layers` = 2 on a GPU (one recomputed, the
+    next one's copy in flight)."""
     per_layer = tokens * hidden * b
-    return per_layer if offload else layers * per_layer
+    return min(resident_layers, layers) * per_layer if offload else layers * per_layer
 
 
 def checkpoint_inputs_host_bytes(tokens: int, hidden: int, layers: int, b: int, offload: bool) -> int:

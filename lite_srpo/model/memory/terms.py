@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from ...config import RunConfig, check_divisible
 from ..chunking import LOGITS_COPIES_GRAD, NF4_DQ_BYTES_PER_PARAM, resolved_logprob_chunk
 from ..dims import DTYPE_BYTES, ModelDims, image_tokens
+from .activation_terms import (checkpoint_inputs_device_bytes, checkpoint_inputs_host_bytes, mlp_intermediate_bytes,
+                               recomputed_layer_bytes)
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # without double quant: fp32 absmax per 64-value block
@@ -161,36 +163,35 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
     if cfg.algorithm.name == "vgpo" and device == "cpu":
         add("VGPO response hidden states", "passes", m * response * h * 4, f"micro-batch {m} x {response} x H fp32")
 
-    # policy update (grad), one micro-batch at a time
+    # policy update (grad), one micro-batch at a time (the activation formulas: activation_terms.py)
     per_layer = (7 * h + 2 * kvd + 4 * i) * b + 8 * h  # anchors.md §5, plus the fp32 RMSNorm copies
+    rc = cfg.train.recompute_chunk
+    mlp_live = min(rc, m * s) if rc > 0 else m * s  # the chunked MLP splits the micro-batch's flattened tokens
+    chunk_how = f" + MLP over chunks: {mlp_live} x 4I x {b} B (train.recompute_chunk={rc})" if rc > 0 else ""
     if cfg.model.gradient_checkpointing:
-        inputs = m * s * n_layers * h * b
-        if cfg.train.offload_activations and device == "cuda":
-            add("checkpointed layer inputs (offloaded: on the card)", "update", OFFLOAD_DEVICE_LAYERS * m * s * h * b,
+        offload_on_card = cfg.train.offload_activations and device == "cuda"
+        on_card = checkpoint_inputs_device_bytes(m * s, h, n_layers, b, offload_on_card,
+                                                 resident_layers=OFFLOAD_DEVICE_LAYERS)
+        if offload_on_card:
+            add("checkpointed layer inputs (offloaded: on the card)", "update", on_card,
                 f"{OFFLOAD_DEVICE_LAYERS} layers (the one recomputed + one in transfer) x {m} x {s} x H={h} x {b} B")
-            add("checkpointed layer inputs (offloaded: pinned host memory)", "host", inputs,
+            add("checkpointed layer inputs (offloaded: pinned host memory)", "host",
+                checkpoint_inputs_host_bytes(m * s, h, n_layers, b, True),
                 f"{m} x {s} tokens x {n_layers} layers x H={h} x {b} B, not on the card")
         else:
-            add("checkpointed layer inputs", "update", inputs,
+            add("checkpointed layer inputs", "update", on_card,
                 f"{m} x {s} tokens x {n_layers} layers x H={h} x {b} B"
                 + (" (offload changes nothing on CPU: host memory is the device)" if cfg.train.offload_activations else ""))
-        rc = cfg.train.recompute_chunk
-        if rc > 0:
-            add("one layer recomputed for backward", "update", m * s * (per_layer - 4 * i * b) + m * min(rc, s) * 4 * i * b,
-                f"{m} x {s} x ((7H + 2kv) x {b} + 8H) B + MLP over chunks: {m} x {min(rc, s)} x 4I x {b} B "
-                f"(train.recompute_chunk={rc})")
-        else:
-            add("one layer recomputed for backward", "update", m * s * per_layer,
-                f"{m} x {s} x ((7H + 2kv + 4I) x {b} + 8H) B")
-    elif cfg.train.recompute_chunk > 0:  # no checkpointing, but each MLP's 4I intermediate is recomputed per chunk
-        rc = cfg.train.recompute_chunk
-        add("activations of every layer", "update", m * s * n_layers * (per_layer - 4 * i * b) + m * min(rc, s) * 4 * i * b,
-            f"{m} x {s} x {n_layers} layers x ((7H + 2kv) x {b} + 8H) B + one MLP chunk: {m} x {min(rc, s)} x 4I x {b} B "
-            f"(no gradient checkpointing; train.recompute_chunk={rc})")
+        add("one layer recomputed for backward", "update", recomputed_layer_bytes(m * s, h, kvd, i, b, rc),
+            f"{m} x {s} x ((7H + 2kv) x {b} + 8H) B" + (chunk_how or f" + {m} x {s} x 4I x {b} B"))
     else:
-        add("activations of every layer", "update", m * s * n_layers * per_layer,
-            f"{m} x {s} x {n_layers} layers x ((7H + 2kv + 4I) x {b} + 8H) B (no gradient checkpointing; "
-            "offload needs it)")
+        mlp = mlp_intermediate_bytes(m * s, i, b, rc)  # with chunks: one chunk's, whichever layer recomputes it
+        rest = recomputed_layer_bytes(m * s, h, kvd, i, b, rc) - mlp  # a layer's activations without the 4I
+        every = n_layers * (rest + mlp) if rc <= 0 else n_layers * rest + mlp
+        add("activations of every layer", "update", every,
+            f"{m} x {s} x {n_layers} layers x ((7H + 2kv) x {b} + 8H) B"
+            + (chunk_how + " (no gradient checkpointing)" if rc > 0 else
+               f" + 4I x {b} B each (no gradient checkpointing; offload needs it)"))
     add("[L, L] attention mask", "update", mask_bytes, mask_how)
     add("final hidden states + their grads", "update", m * s * h * (2 * b + 8), f"{m} x {s} x H")
     add("fused lm_head gradient (kept from forward to backward)", "update", m * response * h * b,
