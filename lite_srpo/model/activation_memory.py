@@ -12,7 +12,8 @@ Three update-time memory savers, all off by default (`train.offload_activations`
 - Chunked MLP recompute. The MLP's `[tokens, I]` intermediates (gate, up, their product; I ≈ 4-5 H) are
   the largest tensors a layer's recompute makes. With `recompute_chunk = c` the MLP runs over `c`
   tokens at a time, each chunk checkpointed, so backward rebuilds one chunk's intermediates at a time.
-  Only with grad on (the update); no-grad passes and generation run as before. The attention
+  Without grad (the scoring passes, the prompt's prefill) the chunks' outputs go straight into one
+  output tensor, so those passes hold one chunk's intermediates too. The attention
   projections (q, k, v, o with their LoRA adapters) can run the same way (`attention=True`), but that
   was measured to save nothing: at 4,096 tokens the update's peak was 0.709 GiB with them chunked
   against 0.693 GiB with the MLP alone, for 8 % more time (bench/README.md, issue 24). What attention
@@ -124,13 +125,23 @@ def install_offload(model: torch.nn.Module, offload: ActivationOffload) -> int:
 
 
 def chunked_mlp_forward(forward: Callable, chunk: int) -> Callable:
-    """`forward` over `chunk` tokens at a time, each checkpointed, when grad is on; unchanged otherwise."""
+    """`forward` over `chunk` tokens at a time: each chunk checkpointed when grad is on (backward rebuilds
+    one chunk's intermediates at a time); without grad (scoring passes, prefill) each chunk's output is
+    written into one preallocated output, so only one chunk's intermediates ever exist. Inputs of at most
+    `chunk` tokens (every decode step) take the plain forward."""
     def forward_in_chunks(x: torch.Tensor, *args, **kwargs):
-        if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2 or x[..., 0].numel() <= chunk:
+        if args or kwargs or x.dim() < 2 or x[..., 0].numel() <= chunk:
             return forward(x, *args, **kwargs)
         rows = x.reshape(-1, x.shape[-1])
-        outs = [checkpoint(forward, piece, use_reentrant=False) for piece in rows.split(chunk)]
-        out = torch.cat(outs)
+        if torch.is_grad_enabled():
+            out = torch.cat([checkpoint(forward, piece, use_reentrant=False) for piece in rows.split(chunk)])
+        else:
+            out = None
+            for start in range(0, rows.shape[0], chunk):
+                piece = forward(rows[start:start + chunk])
+                if out is None:
+                    out = piece.new_empty((rows.shape[0], piece.shape[-1]))
+                out[start:start + piece.shape[0]] = piece
         return out.view(*x.shape[:-1], out.shape[-1])
 
     forward_in_chunks.lite_srpo_chunk = chunk  # type: ignore[attr-defined]

@@ -220,3 +220,20 @@ def test_no_mask_without_padding_and_trailing_padding_runs_causal_only(tiny_qwen
     inputs, _ = collate([batch.prompts[0]] * 2, pad_token_id(plain), batch.response_ids[:2], mask)
     inputs["attention_mask"][0, 0] = 0
     assert "attention_mask" in causal_inputs(inputs, "sdpa", drop_trailing=True)
+
+
+def test_recompute_chunk_also_chunks_the_no_grad_passes(tiny_qwen, batch):
+    """Scoring passes (no grad) run each MLP over `recompute_chunk` tokens at a time, into one output:
+    the same log-probs, and no MLP projection ever sees more than a chunk's rows."""
+    plain, chunked = make_policy(tiny_qwen), make_policy(tiny_qwen, recompute_chunk=8)
+    seen: list[int] = []
+    for name, m in chunked.hf.named_modules():
+        if name.endswith("layers.0.mlp.gate_proj"):
+            m.register_forward_pre_hook(lambda _m, args: seen.append(args[0][..., 0].numel()))
+    with torch.no_grad():
+        ref = rows_logprobs(plain, batch, [0, 1], chunk=8, temperature=1.0, vision_cache=VisionFeatureCache(plain))
+        got = rows_logprobs(chunked, batch, [0, 1], chunk=8, temperature=1.0,
+                            vision_cache=VisionFeatureCache(chunked))
+    tokens = text_dims(plain, batch)[0]
+    assert seen and max(seen) == 8 and sum(seen) == tokens  # every token once, 8 at a time
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6)

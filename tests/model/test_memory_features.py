@@ -83,6 +83,14 @@ def test_recomputed_layer_with_recompute_chunk():
         m * S * D7.layers * ((7 * h + 2 * kv + 4 * i) * b + 8 * h))
 
 
+def test_no_grad_passes_with_recompute_chunk_hold_one_mlp_chunk():
+    h, kv, i, b, m = D7.hidden, D7.kv_dim, D7.intermediate, 2, 2
+    name = ("one layer's activations (no grad)", "passes")
+    assert terms(cfg7())[name] == pytest.approx(m * S * ((4 * h + 2 * kv + 3 * i) * b + 3 * h * b))
+    got = terms(cfg7(**{"train.recompute_chunk": 1024}))[name]
+    assert got == pytest.approx(m * S * ((4 * h + 2 * kv) * b + 3 * h * b) + 1024 * 3 * i * b)
+
+
 def test_dense_mask_only_for_eager_or_padded_batches():
     name = "[L, L] attention mask"
     mask = S * S * (1 + 2)

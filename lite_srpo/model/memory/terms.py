@@ -146,15 +146,20 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
     add("KV cache", "generation", gen_rows * s * n_layers * 2 * kvd * b * (1 + 1 / n_layers),
         f"{gen_rows} row(s) per generate call{cap} x {s} tokens x {n_layers} layers x 2 x {kvd} x {b} B "
         "(+1 layer while it grows)")
+    prefill_mlp = min(cfg.train.recompute_chunk, gen_rows * prompt) if cfg.train.recompute_chunk > 0 else gen_rows * prompt
     add("prefill activations (one layer, no grad)", "generation",
-        gen_rows * prompt * ((4 * h + 2 * kvd + 3 * i) * b + prompt * (1 + b)),
-        f"{gen_rows} rows x {prompt} prompt tokens, incl. the [P, P] attention mask")
+        gen_rows * prompt * ((4 * h + 2 * kvd) * b + prompt * (1 + b)) + prefill_mlp * 3 * i * b,
+        f"{gen_rows} rows x {prompt} prompt tokens, incl. the [P, P] attention mask; MLP over {prefill_mlp} tokens at a time")
     add("per-step logits", "generation", gen_rows * v * 4 * GEN_LOGITS_COPIES,
         f"{gen_rows} rows x V={v} x fp32 x {GEN_LOGITS_COPIES} copies")
 
     # scoring passes (no grad), one micro-batch at a time
-    add("one layer's activations (no grad)", "passes", m * s * ((4 * h + 2 * kvd + 3 * i) * b + 3 * h * b),
-        f"micro-batch {m} x {s} tokens")
+    rc = cfg.train.recompute_chunk
+    mlp_rows = min(rc, m * s) if rc > 0 else m * s  # the chunked MLP also runs without grad (activation_memory.py)
+    add("one layer's activations (no grad)", "passes",
+        m * s * ((4 * h + 2 * kvd) * b + 3 * h * b) + mlp_rows * 3 * i * b,
+        f"micro-batch {m} x {s} tokens x (4H + 2kv + 3H) x {b} B + {mlp_rows} tokens x 3I x {b} B"
+        + (f" (MLP in chunks: train.recompute_chunk={rc})" if rc > 0 else ""))
     masked = has_dense_mask(cfg, m, dense_mask)
     mask_bytes, mask_how = _mask(masked, cfg, m, s, b)
     add("[L, L] attention mask", "passes", mask_bytes, mask_how)
@@ -165,7 +170,6 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
 
     # policy update (grad), one micro-batch at a time (the activation formulas: activation_terms.py)
     per_layer = (7 * h + 2 * kvd + 4 * i) * b + 8 * h  # anchors.md §5, plus the fp32 RMSNorm copies
-    rc = cfg.train.recompute_chunk
     mlp_live = min(rc, m * s) if rc > 0 else m * s  # the chunked MLP splits the micro-batch's flattened tokens
     chunk_how = f" + MLP over chunks: {mlp_live} x 4I x {b} B (train.recompute_chunk={rc})" if rc > 0 else ""
     if cfg.model.gradient_checkpointing:
