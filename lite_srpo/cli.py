@@ -91,12 +91,14 @@ def _compare():
         p.add_argument("--report", nargs="+", metavar="COMPARE_JSON", default=None,
                        help="no training: re-analyse saved compare.json files (same warm-up and items; merged), "
                             "print every contrast, write report.json and report.png beside the first")
+        p.add_argument("--report-out", default=None, metavar="JSON",
+                       help="with --report: write the report here (and its figure beside it, .png)")
 
     def run(a: argparse.Namespace) -> int:
         if a.report:
             from .eval.compare_report import report
 
-            report(a.report)
+            report(a.report, out=a.report_out)
             return 0
         from .eval.compare import run_compare
 

@@ -66,6 +66,13 @@ def test_report_cli_writes_json_and_png(tmp_path):
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert report([str(path)], out=str(tmp_path / "again.json"))["paired"].keys() == saved["paired"].keys()
+    named = tmp_path / "named" / "k4.json"
+    named.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "lite_srpo", "compare", "--report", str(path), "--report-out",
+                           str(named)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(named.read_text())["paired"].keys() == saved["paired"].keys()
+    assert named.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_merge_adds_later_seeds_and_pairs_contrasts_by_seed_value():
