@@ -33,14 +33,18 @@ AUTO = "auto"
 AUTO_WEIGHT_FRACTION = 0.25  # the update's logits term may be at most this share of the weights
 AUTO_MIN_CHUNK = 128
 AUTO_MAX_CHUNK = 4096
-LOGITS_COPIES_GRAD = {4: 4.0, 2: 4.5}  # measured (fp32): recomputed logits, softmax grad, gather grad, sum; +bf16 copy
+# fp32 [chunk, V] buffers alive at once in a frozen lm_head's forward + backward (streaming.py's fused
+# path: logits, logsumexp's temporary, the gradient matmul's input; the bf16 path +0.5 for its bf16 logits).
+# Measured as allocated bytes on CPU (bench.common.allocated_peak_gib): 3.0 fused in fp32 and bf16,
+# against 4.0 for the checkpointed path it replaced (recomputed logits, softmax grad, gather grad, sum).
+LOGITS_COPIES_GRAD = {4: 3.0, 2: 3.5}
 NF4_DQ_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256
 
 
 def auto_logprob_chunk(vocab: int, hidden: int, compute_bytes: int, budget_bytes: float) -> int:
     """Largest power-of-two chunk whose update-time logits term fits `budget_bytes`, within [128, 4096].
 
-    Per row the update holds `V` fp32 logits `copies` times (4 in fp32, 4.5 with a bf16/fp16 lm_head)
+    Per row the update holds `V` fp32 logits `copies` times (3 in fp32, 3.5 with a bf16/fp16 lm_head)
     plus the chunk's hidden row and its gradient."""
     if vocab < 1 or hidden < 1 or compute_bytes not in LOGITS_COPIES_GRAD:
         raise ValueError(f"auto_logprob_chunk: vocab={vocab}, hidden={hidden}, compute_bytes={compute_bytes}")
