@@ -118,6 +118,16 @@ def planned_update(job: dict, features: str, prompt_tokens: int) -> tuple[float,
     return p["phases"]["update"], allocated
 
 
+def replan_features(row: dict) -> dict:
+    """A `--features` row's planner columns and errors, recomputed with the current planner."""
+    if row["features"] in FEATURES and row["features"] != "recompute_chunk_attn":
+        row["planned_update_gib"], row["planned_allocated_gib"] = planned_update(row["job"], row["features"],
+                                                                                 row["prompt"])
+        row["plan_error"] = row["peak_update_gib"] / row["planned_update_gib"] - 1
+        row["alloc_error"] = row["allocated_gib"] / row["planned_allocated_gib"] - 1
+    return row
+
+
 def _release_heap() -> None:
     """Give freed heap back to the OS (glibc malloc_trim) so one point's leftovers do not hide the next's peak."""
     import ctypes
@@ -226,11 +236,7 @@ def feature_sweep(a, model: str) -> list[dict]:
                    "start_gib": pt["start_gib"], "peak_update_gib": pt["peak"][peak_key],
                    **{k: pt[k] for k in ("update_s", "times", "allocated_gib", "offload_kept_mib",
                                          "offload_moved_mib")}}
-            if row["features"] != "recompute_chunk_attn":  # not a recipe setting: nothing to plan
-                row["planned_update_gib"], row["planned_allocated_gib"] = planned_update(job, row["features"],
-                                                                                         res["prompt_tokens"])
-                row["plan_error"] = row["peak_update_gib"] / row["planned_update_gib"] - 1
-                row["alloc_error"] = row["allocated_gib"] / row["planned_allocated_gib"] - 1
+            replan_features(row)  # the planner's figures beside the measurement (none for recompute_chunk_attn)
             base = row if row["features"] == "off" else base
             row["slowdown"] = row["update_s"] / base["update_s"] if base else None
             rows.append(row)
@@ -273,10 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.replan:
         path = Path(a.results_dir or RESULTS_DIR) / f"{a.name}.json"
         data = json.loads(path.read_text())
-        data["rows"] = [add_plan(r) for r in data["rows"]]
+        data["rows"] = [replan_features(r) if "features" in r else add_plan(r) for r in data["rows"]]
         data["replanned"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         path.write_text(json.dumps(data, indent=2) + "\n")
-        print(table(data["rows"], COLUMNS))
+        print(table(data["rows"], FEATURE_COLUMNS if data["rows"] and "features" in data["rows"][0] else COLUMNS))
         print(f"rewrote {path}")
         return 0
     if a.quick:

@@ -79,6 +79,10 @@ def test_memory_scaling_features_minimal(in_process, tmp_path):
     for row in (off, both):
         assert row["planned_update_gib"] > row["planned_allocated_gib"] > 0 and row["allocated_gib"] > 0
         assert row["alloc_error"] == pytest.approx(row["allocated_gib"] / row["planned_allocated_gib"] - 1)
+    # --replan recomputes the planner's columns of a saved feature sweep with the current planner
+    assert memory_scaling.main(["--replan", "--results-dir", str(tmp_path), "--name", "mf"]) == 0
+    again = json.loads((tmp_path / "mf.json").read_text())["rows"]
+    assert [r["planned_update_gib"] for r in again] == pytest.approx([off["planned_update_gib"], both["planned_update_gib"]])
 
 
 def test_allocated_peak_counts_live_tensor_bytes_by_hand():
