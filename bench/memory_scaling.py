@@ -104,7 +104,8 @@ def planned_update(job: dict, features: str, prompt_tokens: int) -> tuple[float,
 
     from bench.common import step_recipe
     from lite_srpo.config import config_from_dict
-    from lite_srpo.model.memory.plan import plan
+    from lite_srpo.model.memory.plan import phase_gib, plan
+    from lite_srpo.model.memory.terms import Term
 
     offload, chunk = FEATURES[features]
     step = {"model": job["model"], "algo": "grpo", "G": 2, "R": job["R"], "B": 1, "micro_batch": 1,
@@ -114,8 +115,8 @@ def planned_update(job: dict, features: str, prompt_tokens: int) -> tuple[float,
         data["train"].update(offload_activations=offload, recompute_chunk=job["recompute_chunk"] if chunk else 0)
         cfg = config_from_dict(data)
     p = plan(cfg, device="cpu", prompt_tokens=prompt_tokens)
-    allocated = sum(t["gib"] for t in p["terms"] if t["phase"] == "update" and not t["name"].startswith("freed heap"))
-    return p["phases"]["update"], allocated
+    live = [Term(**t) for t in p["terms"] if not t["name"].startswith("freed heap")]  # glibc's, not allocated
+    return p["phases"]["update"], phase_gib(live, "update", live=True)
 
 
 def replan_features(row: dict) -> dict:

@@ -206,3 +206,27 @@ def test_auto_fit_on_a_card_applies_the_fit_and_logs_it(monkeypatch, caplog):
         assert getattr(getattr(fitted, section), name) == value
     assert "train.auto_fit: 24.0 GiB card -> " + override_line(expected["overrides"]) in caplog.text
     assert plan(fitted, 24.0)["fits"] and not plan(cfg, 24.0)["fits"]
+
+
+def test_a_card_counts_the_larger_update_moment_cpu_rss_both():
+    """The streamed lm_head's buffers are gone before backward recomputes a decoder layer: on a card
+    (live bytes) the update holds the larger of the two moments, on CPU (RSS, freed heap kept) both."""
+    from lite_srpo.model.memory.plan import phase_gib
+    from lite_srpo.model.memory.terms import Term
+
+    terms = [Term("a", "update", 1.0, ""), Term("lm", "update", 3.0, "", "lm_head"),
+             Term("layer", "update", 2.0, "", "layers"), Term("w", "update", 0.5, "", "layers"),
+             Term("kv", "generation", 7.0, "")]
+    assert phase_gib(terms, "update", live=True) == 1.0 + 3.0
+    assert phase_gib(terms, "update", live=False) == 1.0 + 3.0 + 2.0 + 0.5
+    assert phase_gib(terms, "generation", live=True) == 7.0
+    # in the plan: the 7B recipe's update on a card is the sum minus the smaller moment
+    t = phase_terms(cfg7(), D7, "cuda", P, 8, R)
+    lm = sum(x.gib for x in t if x.moment == "lm_head")
+    layers = sum(x.gib for x in t if x.moment == "layers")
+    assert lm > 0 and layers > 0
+    assert sum_phases(t, "cuda")[1]["update"] == pytest.approx(
+        sum(x.gib for x in t if x.phase in ("fixed", "update")) - min(lm, layers))
+    # without checkpointing every layer's activations live through the lm_head: no moments
+    assert not any(x.moment for x in phase_terms(cfg7(**{"model.gradient_checkpointing": "false"}), D7, "cuda",
+                                                 P, 8, R))

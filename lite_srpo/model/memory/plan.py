@@ -25,10 +25,22 @@ CUDA_CONTEXT_GIB = 0.50  # CUDA context + cuBLAS/cuDNN handles: outside max_memo
 CUDA_ALLOCATOR_SLACK = 1.07  # reserved / allocated (fragmentation of the caching allocator)
 
 
+def phase_gib(terms: list[Term], phase: str, live: bool) -> float:
+    """A phase's terms summed; with `live` (a card's allocated bytes) the update's two moments count
+    only the larger: the streamed lm_head's chunk buffers are freed before backward recomputes the first
+    decoder layer (measured on CPU as allocated bytes, bench/README.md issue 24). CPU RSS keeps freed
+    heap, so there every term counts (the fit of bench/memory_scaling)."""
+    mine = [t for t in terms if t.phase == phase]
+    if not live:
+        return sum(t.gib for t in mine)
+    moments = {m: sum(t.gib for t in mine if t.moment == m) for m in ("lm_head", "layers")}
+    return sum(t.gib for t in mine if not t.moment) + max(moments.values())
+
+
 def sum_phases(terms: list[Term], device: str) -> tuple[float, dict[str, float], str]:
     """Peak = fixed + the largest phase (`host` terms are not on the device)."""
     fixed = sum(t.gib for t in terms if t.phase == "fixed")
-    phases = {p: fixed + sum(t.gib for t in terms if t.phase == p) for p in ("generation", "passes", "update")}
+    phases = {p: fixed + phase_gib(terms, p, live=device == "cuda") for p in ("generation", "passes", "update")}
     worst = max(phases, key=phases.get)
     return phases[worst], phases, worst
 

@@ -31,7 +31,14 @@ class Term:
     phase: str  # fixed | generation | passes | update | host (pinned host memory, not on the card)
     gib: float
     how: str
+    moment: str = ""
+    """Within the update: "lm_head" (alive only while the streamed lm_head runs, before backward reaches
+    the decoder) or "layers" (alive only while backward recomputes a decoder layer); "" = the whole
+    update. Live bytes (a card's allocator) peak at the larger moment; CPU RSS keeps both (plan.py)."""
 
+
+UPDATE_MOMENTS = {"streamed lm_head chunk (with backward)": "lm_head",
+                  "one layer recomputed for backward": "layers", "dequantized 4-bit weight": "layers"}
 
 def compute_bytes(cfg: RunConfig, device: str) -> int:
     if cfg.model.dtype == "auto":
@@ -107,7 +114,8 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
     terms: list[Term] = []
 
     def add(name: str, phase: str, nbytes: float, how: str) -> None:
-        terms.append(Term(name, phase, nbytes / GIB, how))
+        moment = UPDATE_MOMENTS.get(name, "") if phase == "update" and cfg.model.gradient_checkpointing else ""
+        terms.append(Term(name, phase, nbytes / GIB, how, moment))
 
     # fixed: weights, adapter, process
     if device == "cpu":
