@@ -180,6 +180,11 @@ def update_job(job: dict) -> dict:
     def update(r: int) -> float:
         responses = torch.randint(0, policy.config.text_config.vocab_size, (1, r),
                                   generator=torch.Generator().manual_seed(0))
+        # never a vision special token (with a small vocabulary, random ids hit them): the model would
+        # look for image features that are not there
+        special = [getattr(policy.config, k, None) for k in ("image_token_id", "video_token_id",
+                                                             "vision_start_token_id", "vision_end_token_id")]
+        responses[torch.isin(responses, torch.tensor([t for t in special if t is not None]))] = 0
         inputs, plen = collate([prompt], pad_token_id(policy), responses, torch.ones_like(responses), None,
                                policy.device)
         inputs = cache.apply(inputs, [prompt.visual])
