@@ -148,11 +148,11 @@ def chunked_mlp_forward(forward: Callable, chunk: int) -> Callable:
     return forward_in_chunks
 
 
-def chunk_modules(model: torch.nn.Module, attention: bool = True) -> list[tuple[str, torch.nn.Module]]:
-    """The language model's decoder MLPs, and (with `attention`) its q/k/v/o projections (with their
-    LoRA adapters: peft wraps the projection, so the wrapper is the matched module)."""
-    pats = [MLP_NAME] + ([ATTENTION_PROJ_NAME] if attention else [])
-    return [(name, m) for name, m in model.named_modules() if any(p.match(name) for p in pats)]
+def chunk_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The language model's decoder MLPs and its q/k/v/o projections (with their LoRA adapters: peft
+    wraps the projection, so the wrapper is the matched module)."""
+    return [(name, m) for name, m in model.named_modules()
+            if MLP_NAME.match(name) or ATTENTION_PROJ_NAME.match(name)]
 
 
 def install_chunked_mlp(model: torch.nn.Module, chunk: int, attention: bool = False) -> int:
@@ -160,7 +160,7 @@ def install_chunked_mlp(model: torch.nn.Module, chunk: int, attention: bool = Fa
     so that with grad on they run `chunk` tokens at a time (installed once; calling again re-chunks, and
     `attention=False` puts the projections' own forward back). Returns how many modules are chunked."""
     count = 0
-    for name, m in chunk_modules(model, attention=True):
+    for name, m in chunk_modules(model):
         original = getattr(m.forward, "lite_srpo_original", m.forward)
         if ATTENTION_PROJ_NAME.match(name) and not attention:
             m.forward = original

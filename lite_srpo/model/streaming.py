@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 _HALF = (torch.float16, torch.bfloat16)
 FUSED = True
 """Process-wide switch for the fused gradient of a frozen lm_head, for benchmarks that measure the
-checkpointed path it replaces (bench/logprob_chunk_speed.py, bench/vs_trl.py --ablate)."""
+checkpointed path it replaces (bench/logprob_chunk_speed.py --paths)."""
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, chunk: int, temperature: float) -> None:

@@ -24,11 +24,16 @@ def checkpoint_inputs_host_bytes(tokens: int, hidden: int, layers: int, b: int, 
     return layers * tokens * hidden * b if offload else 0
 
 
+def mlp_chunk_tokens(tokens: int, recompute_chunk: int = 0) -> int:
+    """Tokens one MLP call holds intermediates for: all of them, or with `recompute_chunk = c > 0` at
+    most c (the chunked MLP splits the flattened tokens of the whole call, activation_memory.py)."""
+    return tokens if recompute_chunk <= 0 else min(tokens, recompute_chunk)
+
+
 def mlp_intermediate_bytes(tokens: int, intermediate: int, b: int, recompute_chunk: int = 0) -> int:
     """The MLP's gate, up, activation and product `[tokens, I]` buffers of one recomputed layer; with
     `recompute_chunk = c > 0` they exist for c tokens at a time."""
-    live = tokens if recompute_chunk <= 0 else min(tokens, recompute_chunk)
-    return 4 * live * intermediate * b
+    return 4 * mlp_chunk_tokens(tokens, recompute_chunk) * intermediate * b
 
 
 def recomputed_layer_bytes(tokens: int, hidden: int, kvd: int, intermediate: int, b: int,

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from ...config import RunConfig, check_divisible
 from ..chunking import LOGITS_COPIES_GRAD, NF4_DQ_BYTES_PER_PARAM, resolved_logprob_chunk
 from ..dims import DTYPE_BYTES, ModelDims, image_tokens
-from .activation_terms import (checkpoint_inputs_device_bytes, checkpoint_inputs_host_bytes, mlp_intermediate_bytes,
-                               recomputed_layer_bytes)
+from .activation_terms import (checkpoint_inputs_device_bytes, checkpoint_inputs_host_bytes, mlp_chunk_tokens,
+                               mlp_intermediate_bytes, recomputed_layer_bytes)
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # without double quant: fp32 absmax per 64-value block
@@ -36,9 +36,6 @@ class Term:
     the decoder) or "layers" (alive only while backward recomputes a decoder layer); "" = the whole
     update. Live bytes (a card's allocator) peak at the larger moment; CPU RSS keeps both (plan.py)."""
 
-
-UPDATE_MOMENTS = {"streamed lm_head chunk (with backward)": "lm_head",
-                  "one layer recomputed for backward": "layers", "dequantized 4-bit weight": "layers"}
 
 def compute_bytes(cfg: RunConfig, device: str) -> int:
     if cfg.model.dtype == "auto":
@@ -113,9 +110,13 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
     quant = cfg.model.load_in_4bit
     terms: list[Term] = []
 
-    def add(name: str, phase: str, nbytes: float, how: str) -> None:
-        moment = UPDATE_MOMENTS.get(name, "") if phase == "update" and cfg.model.gradient_checkpointing else ""
+    def add(name: str, phase: str, nbytes: float, how: str, moment: str = "") -> None:
         terms.append(Term(name, phase, nbytes / GIB, how, moment))
+
+    # Update moments exist only with checkpointing: without it every layer's activations live through
+    # the streamed lm_head too, so nothing in the update is freed before something else is allocated.
+    def moment(name: str) -> str:
+        return name if cfg.model.gradient_checkpointing else ""
 
     # fixed: weights, adapter, process
     if device == "cpu":
@@ -154,16 +155,17 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
     add("KV cache", "generation", gen_rows * s * n_layers * 2 * kvd * b * (1 + 1 / n_layers),
         f"{gen_rows} row(s) per generate call{cap} x {s} tokens x {n_layers} layers x 2 x {kvd} x {b} B "
         "(+1 layer while it grows)")
-    prefill_mlp = min(cfg.train.recompute_chunk, gen_rows * prompt) if cfg.train.recompute_chunk > 0 else gen_rows * prompt
+    rc = cfg.train.recompute_chunk
+    prefill_mlp = mlp_chunk_tokens(gen_rows * prompt, rc)
     add("prefill activations (one layer, no grad)", "generation",
         gen_rows * prompt * ((4 * h + 2 * kvd) * b + prompt * (1 + b)) + prefill_mlp * 3 * i * b,
-        f"{gen_rows} rows x {prompt} prompt tokens, incl. the [P, P] attention mask; MLP over {prefill_mlp} tokens at a time")
+        f"{gen_rows} rows x {prompt} prompt tokens, incl. the [P, P] attention mask; "
+        f"MLP over {prefill_mlp} tokens at a time")
     add("per-step logits", "generation", gen_rows * v * 4 * GEN_LOGITS_COPIES,
         f"{gen_rows} rows x V={v} x fp32 x {GEN_LOGITS_COPIES} copies")
 
     # scoring passes (no grad), one micro-batch at a time
-    rc = cfg.train.recompute_chunk
-    mlp_rows = min(rc, m * s) if rc > 0 else m * s  # the chunked MLP also runs without grad (activation_memory.py)
+    mlp_rows = mlp_chunk_tokens(m * s, rc)  # the chunked MLP also runs without grad (activation_memory.py)
     add("one layer's activations (no grad)", "passes",
         m * s * ((4 * h + 2 * kvd) * b + 3 * h * b) + mlp_rows * 3 * i * b,
         f"micro-batch {m} x {s} tokens x (4H + 2kv + 3H) x {b} B + {mlp_rows} tokens x 3I x {b} B"
@@ -178,8 +180,8 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
 
     # policy update (grad), one micro-batch at a time (the activation formulas: activation_terms.py)
     per_layer = (7 * h + 2 * kvd + 4 * i) * b + 8 * h  # anchors.md §5, plus the fp32 RMSNorm copies
-    mlp_live = min(rc, m * s) if rc > 0 else m * s  # the chunked MLP splits the micro-batch's flattened tokens
-    chunk_how = f" + MLP over chunks: {mlp_live} x 4I x {b} B (train.recompute_chunk={rc})" if rc > 0 else ""
+    chunk_how = (f" + MLP over chunks: {mlp_chunk_tokens(m * s, rc)} x 4I x {b} B (train.recompute_chunk={rc})"
+                 if rc > 0 else "")
     if cfg.model.gradient_checkpointing:
         offload_on_card = cfg.train.offload_activations and device == "cuda"
         on_card = checkpoint_inputs_device_bytes(m * s, h, n_layers, b, offload_on_card,
@@ -195,7 +197,7 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
                 f"{m} x {s} tokens x {n_layers} layers x H={h} x {b} B"
                 + (" (offload changes nothing on CPU: host memory is the device)" if cfg.train.offload_activations else ""))
         add("one layer recomputed for backward", "update", recomputed_layer_bytes(m * s, h, kvd, i, b, rc),
-            f"{m} x {s} x ((7H + 2kv) x {b} + 8H) B" + (chunk_how or f" + {m} x {s} x 4I x {b} B"))
+            f"{m} x {s} x ((7H + 2kv) x {b} + 8H) B" + (chunk_how or f" + {m} x {s} x 4I x {b} B"), "layers")
     else:
         mlp = mlp_intermediate_bytes(m * s, i, b, rc)  # with chunks: one chunk's, whichever layer recomputes it
         rest = recomputed_layer_bytes(m * s, h, kvd, i, b, rc) - mlp  # a layer's activations without the 4I
@@ -210,10 +212,10 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
         f"{m} x {response} response tokens x H={h} x {b} B (d logp / d h, streaming.py)")
     grad_copies = LOGITS_COPIES_GRAD[4 if b == 4 else 2]
     add("streamed lm_head chunk (with backward)", "update", chunk * v * 4 * grad_copies,
-        f"chunk {chunk} x V={v} x fp32 x {grad_copies:g} (independent of G and length)")
+        f"chunk {chunk} x V={v} x fp32 x {grad_copies:g} (independent of G and length)", moment("lm_head"))
     if quant:
         add("dequantized 4-bit weight", "update", dims.largest_linear_params * b,
-            f"largest linear {dims.largest_linear_params / 1e6:.0f}M x {b} B")
+            f"largest linear {dims.largest_linear_params / 1e6:.0f}M x {b} B", moment("layers"))
     if device == "cpu":
         add("freed heap kept by the C allocator", "update", _cpu_heap_retained(m * s, h, kvd, i, b),
             f"~{CPU_HEAP_RETAINED_LAYERS:g} layer-activation set(s) of blocks under 32 MiB (glibc, fitted)")
