@@ -127,6 +127,15 @@ def _read_wandb_log(path) -> tuple[dict[int, dict], dict]:
     return history, config
 
 
+def wait_for_next_second() -> None:
+    """Sleep until the wall clock's whole second changes (wandb's offline folder names have second resolution)."""
+    import time
+
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.02)
+
+
 def test_rerun_and_resume_continue_one_series(tiny_qwen, tmp_path, monkeypatch):
     """A fresh run over an old one (overwrite) starts new series: TensorBoard purges its points, wandb gets a
     new run. A resume continues them: TensorBoard purges the points after the checkpoint, wandb continues the
@@ -153,11 +162,16 @@ def test_rerun_and_resume_continue_one_series(tiny_qwen, tmp_path, monkeypatch):
     steps = [e for e in read_events(again.run_dir / "events.jsonl") if e["type"] == "metrics"]
     assert points(again.run_dir) == [(m["step"], pytest.approx(m["reward/mean"])) for m in steps]
     with_steps = lambda n: config_from_dict(dict(recipe, train=dict(recipe["train"], steps=n)))  # noqa: E731
+    # wandb names an offline run's folder by its start time to the second and the run id, so two processes of
+    # one run id started within a second share a folder and the later overwrites the earlier's log (seen on a
+    # fast machine). A real resume follows a crash and a restart; here each process waits for a new second.
+    wait_for_next_second()
     resumed = train(with_steps(3), quiet=True, resume=True)
     assert [s for s, _ in points(resumed.run_dir)] == [1, 2, 3] and first.run_dir == resumed.run_dir
     assert read_wandb_state(first.run_dir) == {"id": run_id, "last_step": 3}
 
     shutil.rmtree(first.run_dir / "checkpoints" / "step_000003")  # as if killed before step 3's checkpoint
+    wait_for_next_second()
     train(with_steps(4), quiet=True, resume=True)
     metrics = [e for e in read_events(first.run_dir / "events.jsonl") if e["type"] == "metrics"]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
