@@ -66,6 +66,26 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
     return count
 
 
+# On CPU, keep the frozen lm_head weight column-major (bench/lm_head_layout.py); benches switch it off to compare.
+CPU_COLUMN_MAJOR_LM_HEAD = True
+
+
+def column_major_lm_head(model: torch.nn.Module) -> bool:
+    """Store the frozen, untied lm_head weight `[V, H]` as the transpose of a contiguous `[H, V]` tensor: the same
+    values, shape and dtype, so every pass computes the same thing, but a decode step's `x @ W.T` over one or
+    two rows then streams W in the order CPU GEMM reads fastest. Measured on the 152k-vocabulary bench
+    model: 2.4x faster at 1-2 rows, 1.4x at 8, unchanged at training chunk sizes (bench/lm_head_layout.py).
+    Tied embeddings are left alone (the input lookup would gather strided rows). True when it re-laid W."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dim() != 2 or weight.requires_grad or not weight.is_contiguous():
+        return False
+    if embed is not None and getattr(embed, "weight", None) is weight:
+        return False
+    head.weight = torch.nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+    return True
+
+
 def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
     """Gradient checkpointing on/off (transformers 5.23 renamed it activation checkpointing; 5.17 has the old name)."""
     if on:
@@ -264,6 +284,8 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str 
     model.train()  # never .eval(): see the module docstring
     if device.type == "cpu":
         disable_cpu_4bit_repacking(model)
+        if CPU_COLUMN_MAJOR_LM_HEAD:
+            column_major_lm_head(base)
     policy = PolicyModel(model=model, processor=processor, family=family, device=device,
                          dtype=resolve_dtype(model_cfg.dtype, device),
                          gradient_checkpointing=model_cfg.gradient_checkpointing and trainable,

@@ -112,6 +112,40 @@ def test_generate_logprobs_equal_teacher_forced(tiny_qwen, samples):
     assert (tf[m] - gen_logp[m]).abs().max() < 1e-4
 
 
+def test_cpu_lm_head_is_column_major_and_changes_no_result(tiny_qwen, samples):
+    """`load_policy` on CPU keeps the lm_head weight as the transpose of a contiguous [H, V] tensor (the faster
+    decode layout, bench/lm_head_layout.py): same values as loaded; the same greedy tokens, log-probs and LoRA
+    gradients as the row-major weight; a tied head is left alone."""
+    from lite_srpo.model.policy import column_major_lm_head
+
+    policy = policy_for(tiny_qwen)
+    head = policy.hf.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    assert head.weight.stride() == (1, vocab) and not head.weight.requires_grad
+    base, _, _ = load_base(ModelConfig(path=str(tiny_qwen), load_in_4bit=True, dtype="float32"))
+    assert base.get_output_embeddings().weight.is_contiguous()
+    assert torch.equal(head.weight, base.get_output_embeddings().weight)
+    for n, p in lora_params(policy).items():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    prompts = [encode_prompt(policy, s, "structured", FMT) for s in samples[:2]]
+    results = {}
+    for name, weight in (("column", head.weight), ("row", torch.nn.Parameter(head.weight.detach().contiguous(),
+                                                                             requires_grad=False))):
+        head.weight = weight
+        batch = generate(policy, prompts, group_size=1, max_new_tokens=8, do_sample=False)
+        policy.model.zero_grad(set_to_none=True)
+        logp = rows_logprobs(policy, batch, [0, 1], chunk=4, temperature=1.0)
+        (logp * batch.response_mask).sum().backward()
+        results[name] = (batch.response_ids, logp.detach(), {n: p.grad.clone() for n, p in lora_params(policy).items()})
+    assert torch.equal(results["column"][0], results["row"][0])
+    assert (results["column"][1] - results["row"][1]).abs().max() < 1e-6
+    assert max((results["column"][2][n] - g).abs().max() for n, g in results["row"][2].items()) < 1e-6
+    base.get_output_embeddings().weight = base.get_input_embeddings().weight  # tied, as in Qwen2.5-VL-3B
+    assert not column_major_lm_head(base) and base.get_output_embeddings().weight.is_contiguous()
+    assert column_major_lm_head(load_base(ModelConfig(path=str(tiny_qwen), dtype="float32"))[0])
+
+
 def test_missing_model_path_is_a_clear_error(tmp_path):
     from lite_srpo.errors import ModelError
     with pytest.raises(ModelError, match="does not exist"):
