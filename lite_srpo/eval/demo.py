@@ -35,7 +35,8 @@ def protocol_key(p: Protocol) -> str:
 
 def held_out(policy, cfg: RunConfig, samples: list[Sample], protocol: Protocol = Protocol("greedy")) -> dict:
     return evaluate(policy, samples, cfg.data.template, response_format(cfg.data), protocol=protocol,
-                    max_new_tokens=cfg.rollout.max_new_tokens, answer_fallback=cfg.reward.answer_fallback)
+                    max_new_tokens=cfg.rollout.max_new_tokens, answer_fallback=cfg.reward.answer_fallback,
+                    batch_rows=cfg.rollout.generation_rows)
 
 
 def both_protocols(policy, cfg: RunConfig, samples: list[Sample], seed: int) -> dict[str, dict]:

@@ -35,8 +35,10 @@ class Protocol:
 
 def evaluate(policy: PolicyModel, samples: list[Sample], template: str, fmt: ResponseFormat, *,
              protocol: Protocol = Protocol("greedy"), max_new_tokens: int = 128, batch_size: int = 16,
-             answer_fallback: str = "none") -> dict:
-    """Accuracy (per task and overall), format rate and mean response length over `samples`."""
+             answer_fallback: str = "none", batch_rows: int = 0) -> dict:
+    """Accuracy (per task and overall), format rate and mean response length over `samples`.
+    `batch_rows` > 0 decodes at most that many rows per generate call (a run's rollout.generation_rows:
+    the KV cache the memory plan counted); sampled protocols then need lite-srpo's full-distribution sampler."""
     correct: dict[str, list[float]] = defaultdict(list)
     formats: list[float] = []
     lengths: list[int] = []
@@ -47,7 +49,7 @@ def evaluate(policy: PolicyModel, samples: list[Sample], template: str, fmt: Res
         chunk = samples[start:start + batch_size]
         prompts = [encode_prompt(policy, s, template, fmt) for s in chunk]
         batch = generate(policy, prompts, group_size=1 if greedy else protocol.k, max_new_tokens=max_new_tokens,
-                         temperature=protocol.temperature, do_sample=not greedy)
+                         temperature=protocol.temperature, do_sample=not greedy, batch_rows=batch_rows)
         item_scores: dict[int, list[float]] = defaultdict(list)
         rows = zip(batch.texts, batch.samples(), batch.prompt_of, batch.response_mask.sum(dim=1).tolist(),
                    batch.truncated.tolist())

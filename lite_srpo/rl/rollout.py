@@ -147,6 +147,12 @@ def pad_token_id(policy: PolicyModel) -> int:
     return eos_token_ids(policy)[0] if pad is None else pad
 
 
+def rows_can_split(top_p: float, top_k: int) -> bool:
+    """Whether a group's rows may be decoded in several calls (`generate(batch_rows=...)`): lite-srpo's own
+    full-distribution sampler seeds each row alone; HF's truncated sampler draws a prompt's G rows together."""
+    return top_p >= 1.0 and not top_k and sampling.ENABLED
+
+
 @torch.no_grad()
 def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,

@@ -33,6 +33,8 @@ class Run:
     start_step: int = 0
     micro_batch: int = 0
     generation_batch: int = 0
+    generation_rows: int = 0
+    """Rows per generate call (rollout.generation_rows; 0 = all of a call's rows); the OOM retry lowers it."""
     nonfinite_streak: int = 0
     last_metrics: dict = field(default_factory=dict)
     rewarder: Rewarder | None = None

@@ -39,7 +39,7 @@ from .evaluate import evaluate
 from .objectives import grpo
 from .optim import build_optimizer, build_scheduler
 from .passes import rows_logprobs, run_passes
-from .rollout import RolloutBatch, generate, pad_token_id
+from .rollout import RolloutBatch, generate, pad_token_id, rows_can_split
 from .state import Run
 from .step_parts import (batch_roles, corruption_params, encode_prompts, filter_key, prompts_for_step, step_metrics,
                          subset)
@@ -86,7 +86,8 @@ def setup(cfg: RunConfig, resume: bool = False, overwrite: bool = False, ctx: Di
         check_disk_space(run_dir, checkpoint_bytes(n_trainable, optimizer), cfg.train.keep_last)
     run = Run(cfg=cfg, policy=policy, optimizer=optimizer, scheduler=scheduler, train_set=train_set,
               test_set=test_set, fmt=response_format(cfg.data), spec=ALGORITHM_SPECS[cfg.algorithm.name], events=events,
-              micro_batch=cfg.train.micro_batch_size, generation_batch=cfg.rollout.generation_batch_size, dist=ctx)
+              micro_batch=cfg.train.micro_batch_size, generation_batch=cfg.rollout.generation_batch_size,
+              generation_rows=cfg.rollout.generation_rows, dist=ctx)
     if ctx.is_main:
         (run_dir / "recipe.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     run.rewarder = Rewarder(cfg.reward, run.fmt, warn=lambda step, message: events.write("warning", step, message=message))
@@ -99,6 +100,7 @@ def setup(cfg: RunConfig, resume: bool = False, overwrite: bool = False, ctx: Di
             ckpt.set_rng_state(extra["rng_by_rank"][ctx.rank])
         run.micro_batch = int(extra.get("micro_batch", run.micro_batch))
         run.generation_batch = int(extra.get("generation_batch", run.generation_batch))
+        run.generation_rows = int(extra.get("generation_rows", run.generation_rows))
         events.truncate_after(run.start_step)
         events.write("status", run.start_step, status="resumed", message=f"resumed from {last.name}")
     return run
@@ -209,7 +211,7 @@ def rl_step(run: Run, step: int) -> dict:
     batch = generate(policy, prompts, cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.rollout.temperature,
                      cfg.rollout.top_p, cfg.rollout.top_k, batch_prompts=run.generation_batch,
                      seed_of=lambda i: sampling_seed(cfg.train.seed, step, first + i),
-                     batch_rows=cfg.rollout.generation_rows,
+                     batch_rows=run.generation_rows,
                      row_seed_of=lambda i, j: row_sampling_seed(cfg.train.seed, step, first + i, j))
     batch.first_prompt = first
     t_gen = time.perf_counter() - t0
@@ -299,7 +301,10 @@ def rl_step(run: Run, step: int) -> dict:
 
 
 def step_with_oom_retry(run: Run, step: int) -> dict:
-    """Catch CUDA OOM, halve the micro-batch (then the generation batch) and retry the same step.
+    """Catch CUDA OOM, halve the micro-batch (then the prompts, then the rows per generate call) and retry.
+
+    Fewer rows per call keep the KV cache small for long responses; the retried step's samples then come
+    from per-row seeds (rollout.generation_rows), so they differ from the try that failed.
 
     A retry starts from the state before the step: with `train.mini_batches > 1` the failed try may
     already have applied an optimizer step, which must not be applied twice."""
@@ -320,17 +325,21 @@ def step_with_oom_retry(run: Run, step: int) -> dict:
             if run.micro_batch > 1:
                 run.micro_batch //= 2
                 change = f"train.micro_batch_size -> {run.micro_batch}"
+            elif (run.generation_batch or run.cfg.rollout.prompts_per_step) > 1:
+                run.generation_batch = (run.generation_batch or run.cfg.rollout.prompts_per_step) // 2
+                change = f"rollout.generation_batch_size -> {run.generation_batch}"
             else:
-                gen = run.generation_batch or run.cfg.rollout.prompts_per_step
-                if gen <= 1:
+                rows = run.generation_rows or run.cfg.rollout.group_size
+                if rows <= 1 or not rows_can_split(run.cfg.rollout.top_p, run.cfg.rollout.top_k):
                     raise LiteSrpoError(
-                        "out of memory even with micro-batch 1 and one prompt per generate call. Lower "
+                        "out of memory even with micro-batch 1 and one prompt (one row, with lite-srpo's sampler) per "
+                        "generate call. Lower "
                         "rollout.generation_rows, rollout.max_new_tokens, rollout.group_size, data.image_size/max "
                         "pixels or train.logprob_chunk, or turn on model.load_in_4bit; `lite-srpo plan RECIPE --fit` "
                         "finds settings that fit."
                     ) from None
-                run.generation_batch = gen // 2
-                change = f"rollout.generation_batch_size -> {run.generation_batch}"
+                run.generation_rows = rows // 2
+                change = f"rollout.generation_rows -> {run.generation_rows}"
             log.warning("out of memory at step %d: retrying with %s", step, change)
             run.events.write("warning", step, message=f"out of memory: retrying with {change}")
 
@@ -341,6 +350,7 @@ def save(run: Run, step: int) -> Path | None:
     path = None
     if run.dist.is_main:
         extra = {"micro_batch": run.micro_batch, "generation_batch": run.generation_batch,
+                 "generation_rows": run.generation_rows,
                  "world_size": run.dist.world_size}
         if rng_by_rank is not None:
             extra["rng_by_rank"] = rng_by_rank
@@ -438,7 +448,8 @@ def write_curves_quietly(run_dir: Path) -> Path | None:
 
 def periodic_eval(run: Run, step: int) -> dict:
     result = evaluate(run.policy, run.test_set[:run.cfg.train.eval_samples], run.cfg.data.template, run.fmt,
-                      max_new_tokens=run.cfg.rollout.max_new_tokens, answer_fallback=run.cfg.reward.answer_fallback)
+                      max_new_tokens=run.cfg.rollout.max_new_tokens, answer_fallback=run.cfg.reward.answer_fallback,
+                      batch_rows=run.generation_rows)
     run.events.write("eval", step, **{k: v for k, v in result.items() if k != "item_accuracy"})
     run.trackers.log_eval(step, {k: v for k, v in result.items() if k != "item_accuracy"})
     return result

@@ -71,3 +71,66 @@ def test_a_training_step_is_the_same_with_any_row_split(tiny_qwen, tmp_path):
     for key in ("reward/mean", "accuracy", "format_rate", "completion/len_mean", "loss/total"):
         assert m3[key] == m1[key], key
     assert all(torch.equal(a3[k], a1[k]) for k in a3)
+
+
+def calls_rows(policy, monkeypatch) -> list[int]:
+    """Record the rows of every HF generate call (the KV cache holds that many rows)."""
+    rows: list[int] = []
+    real = policy.hf.generate
+
+    def counted(*args, **kwargs):
+        rows.append(int(kwargs["input_ids"].shape[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(policy.hf, "generate", counted)
+    return rows
+
+
+def test_evaluation_keeps_the_row_cap(policy_prompts, monkeypatch):
+    """A run's periodic evaluation decodes at most rollout.generation_rows rows per call (before, it decoded
+    a whole batch of prompts at once, a KV cache the plan never counted); results do not change."""
+    from lite_srpo.rl.evaluate import Protocol, evaluate
+
+    policy, _ = policy_prompts
+    samples = make_task("count_shapes", "test", 5, seed=0)
+    rows = calls_rows(policy, monkeypatch)
+    whole = evaluate(policy, samples, "structured", ResponseFormat(), max_new_tokens=8)
+    assert rows == [5]
+    rows.clear()
+    capped = evaluate(policy, samples, "structured", ResponseFormat(), max_new_tokens=8, batch_rows=2)
+    assert rows == [2, 2, 1]
+    assert capped["item_accuracy"] == whole["item_accuracy"] and capped["mean_length"] == whole["mean_length"]
+    rows.clear()
+    torch.manual_seed(0)
+    evaluate(policy, samples[:2], "structured", ResponseFormat(), protocol=Protocol("avg@k", k=3), max_new_tokens=4,
+             batch_rows=2)
+    assert rows == [2, 2, 2]
+
+
+def test_out_of_memory_at_one_prompt_halves_the_rows_per_call(tiny_qwen, tmp_path, monkeypatch):
+    """Micro-batch 1 and one prompt per call still run out of memory (injected: no GPU here) while a call
+    decodes more than 2 rows: the retry halves rollout.generation_rows (G = 4 -> 2), the step completes, and
+    the checkpoint keeps the lowered setting for a resume."""
+    from lite_srpo.rl import train as train_mod
+
+    cfg = config_from_dict(tiny_recipe(tiny_qwen, tmp_path, train__steps=1, train__micro_batch_size=1,
+                                       train__save_every=1, rollout__prompts_per_step=1, rollout__group_size=4,
+                                       rollout__max_new_tokens=6))
+    run = train_mod.setup(cfg)
+    real = run.policy.hf.generate
+    rows: list[int] = []
+
+    def limited(*args, **kwargs):
+        rows.append(int(kwargs["input_ids"].shape[0]))
+        if rows[-1] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected: no GPU here)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run.policy.hf, "generate", limited)
+    metrics = train_mod.step_with_oom_retry(run, 1)
+    assert rows == [4, 2, 2] and run.generation_rows == 2 and metrics["completion/len_mean"] > 0
+    warnings = [e["message"] for e in read_events(cfg.run_dir / "events.jsonl") if e["type"] == "warning"]
+    assert warnings == ["out of memory: retrying with rollout.generation_rows -> 2"]
+    train_mod.save(run, 1)
+    resumed = train_mod.setup(cfg, resume=True)
+    assert resumed.generation_rows == 2

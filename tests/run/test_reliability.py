@@ -341,10 +341,11 @@ def test_out_of_memory_halves_micro_batch_then_generation_batch_and_gives_up_cle
     assert [e["step"] for e in events if e["type"] == "metrics"] == [1]
     state = load_trainer_state(latest_checkpoint(cfg.run_dir))
     # a resumed run keeps the smaller sizes (and needs the same number of processes)
-    assert state["extra"] == {"micro_batch": 1, "generation_batch": 1, "world_size": 1}
+    assert state["extra"] == {"micro_batch": 1, "generation_batch": 1, "generation_rows": 0, "world_size": 1}
     assert float(next(iter(state["optimizer"]["state"].values()))["step"]) == 1.0  # failed tries left no update
 
-    # Out of memory at every size: micro-batch 2 -> 1, generation batch 2 -> 1, then a clear error.
+    # Out of memory at every size: micro-batch 2 -> 1, generation batch 2 -> 1, rows per call G -> ... -> 1,
+    # then a clear error.
     attempts = []
 
     def always_oom(*args, **kwargs):
@@ -355,7 +356,7 @@ def test_out_of_memory_halves_micro_batch_then_generation_batch_and_gives_up_cle
     run.micro_batch, run.generation_batch = 2, 2
     with pytest.raises(LiteSrpoError) as err:
         train_mod.step_with_oom_retry(run, 2)
-    assert len(attempts) == 3
+    assert len(attempts) == 3 + (cfg.rollout.group_size - 1).bit_length() and run.generation_rows == 1
     msg = str(err.value)
     assert "micro-batch 1" in msg and "rollout.max_new_tokens" in msg and "lite-srpo plan" in msg
 
