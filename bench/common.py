@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 MODELS_DIR = ROOT / "tiny_models" / "bench"  # ignored by git (.gitignore: tiny_models/)
 REAL_VOCAB = 151_936  # Qwen2.5-VL-3B / Qwen2-VL-2B vocabulary size
+# The --quick smoke-test model: tiny vocabulary and layers, for the benches' own tests.
+QUICK_DIMS = {"vocab": 4096, "hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "kv_heads": 1}
 GIB = 2**30
 
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from bench.common import build_bench_model, write_result
+from bench.common import QUICK_DIMS, build_bench_model, write_result
 
 
 def matmul_times(vocab: int, hidden: int, rows: list[int], repeats: int) -> list[dict]:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    dims = {"vocab": 4096, "hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "kv_heads": 1} if a.quick else {}
+    dims = dict(QUICK_DIMS) if a.quick else {}
     model = build_bench_model(**dims)
     vocab, hidden = dims.get("vocab", 151936), dims.get("hidden", 256)
     result = {

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import (RESULTS_DIR, build_bench_model, lite_step_job, measure_in_subprocess, step_recipe, table,
+from bench.common import (QUICK_DIMS, RESULTS_DIR, build_bench_model, lite_step_job, measure_in_subprocess, step_recipe, table,
                           worker_main, write_result)
 
 TARGET = 0.15
@@ -38,9 +38,9 @@ CONFIGS = [
                                          "gradient_checkpointing": False}),
 ]
 QUICK = [
-    ("quick_grpo", {"vocab": 4096, "hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "kv_heads": 1},
+    ("quick_grpo", dict(QUICK_DIMS),
      {"algo": "grpo", "G": 2, "R": 8, "chunk": 16}),
-    ("quick_srpo", {"vocab": 4096, "hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "kv_heads": 1},
+    ("quick_srpo", dict(QUICK_DIMS),
      {"algo": "srpo", "G": 2, "R": 8, "chunk": 16}),
 ]
 

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.common import bench_recipe, build_bench_model, write_result
+from bench.common import QUICK_DIMS, bench_recipe, build_bench_model, write_result
 
 
 class Timers:
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    dims = {"vocab": 4096, "hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "kv_heads": 1} if a.quick else {}
+    dims = dict(QUICK_DIMS) if a.quick else {}
     if a.quick:
         a.length, a.profile_length = 8, 4
     model = str(build_bench_model(**dims))

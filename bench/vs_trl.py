@@ -22,7 +22,7 @@ import argparse
 import sys
 import time
 
-from bench.common import (apply_cap, bench_samples, build_bench_model, current_gib, lite_step_job,
+from bench.common import (QUICK_DIMS, apply_cap, bench_samples, build_bench_model, current_gib, lite_step_job,
                           measure_in_subprocess, peak_gib, reset_peak, set_threads, table, worker_main, write_result)
 
 TARGET_MEMORY_RATIO = 0.5
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-dir", default=None)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
-    dims = {"vocab": 4096, "hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "kv_heads": 1} if a.quick else {}
+    dims = dict(QUICK_DIMS) if a.quick else {}
     if a.quick:
         a.length, a.chunks = 8, ["auto"]
     model = str(build_bench_model(**dims))

@@ -13,7 +13,7 @@ import pytest
 from bench import common
 from bench.common import GIB, table
 
-TINY = {"vocab": 4096, "hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "kv_heads": 1}
+TINY = common.QUICK_DIMS
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +245,17 @@ def test_logprob_chunk_speed_minimal(tmp_path):
     data = read(tmp_path / "lc.json")
     assert [s["chunk"] for s in data["summary"]] == [64, 16]
     assert all(s["grad_s"] > 0 and s["nograd_s"] > 0 for s in data["summary"])
+
+
+def test_lm_head_layout_minimal(tmp_path):
+    """The layout bench: both layouts timed at each row count, and the alternating rollouts sample the same
+    tokens with either layout (same seed)."""
+    from bench import lm_head_layout
+
+    assert lm_head_layout.main(["--quick", "--length", "6", "--repeats", "1", "--rows", "1", "2",
+                                "--results-dir", str(tmp_path), "--name", "lh"]) == 0
+    data = read(tmp_path / "lh.json")
+    assert [m["rows"] for m in data["matmul"]] == [1, 2]
+    assert all(m["row_major_ms"] > 0 and m["column_major_ms"] > 0 for m in data["matmul"])
+    assert data["rollouts"]["same_tokens_per_repeat"] == [True]
+    assert {r["layout"] for r in data["rollouts"]["runs"]} == {"row_major", "column_major"}
