@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from bench.common import QUICK_DIMS, build_bench_model, write_result
+from bench.common import QUICK_DIMS, REAL_VOCAB, build_bench_model, write_result
 
 
 def matmul_times(vocab: int, hidden: int, rows: list[int], repeats: int) -> list[dict]:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     dims = dict(QUICK_DIMS) if a.quick else {}
     model = build_bench_model(**dims)
-    vocab, hidden = dims.get("vocab", 151936), dims.get("hidden", 256)
+    vocab, hidden = dims.get("vocab", REAL_VOCAB), dims.get("hidden", 256)
     result = {
         "settings": {"threads": a.threads, "vocab": vocab, "hidden": hidden, "model": str(model)},
         "matmul": matmul_times(vocab, hidden, a.rows, a.repeats),

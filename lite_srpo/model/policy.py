@@ -66,15 +66,11 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
     return count
 
 
-# On CPU, keep the frozen lm_head weight column-major (bench/lm_head_layout.py); benches switch it off to compare.
-CPU_COLUMN_MAJOR_LM_HEAD = True
-
-
 def column_major_lm_head(model: torch.nn.Module) -> bool:
     """Store the frozen, untied lm_head weight `[V, H]` as the transpose of a contiguous `[H, V]` tensor: the same
     values, shape and dtype, so every pass computes the same thing, but a decode step's `x @ W.T` over one or
     two rows then streams W in the order CPU GEMM reads fastest. Measured on the 152k-vocabulary bench
-    model: 2.4x faster at 1-2 rows, 1.4x at 8, unchanged at training chunk sizes (bench/lm_head_layout.py).
+    model: 2.4x faster at 1-2 rows, 1.5x at 8, unchanged at training chunk sizes (bench/lm_head_layout.py).
     Tied embeddings are left alone (the input lookup would gather strided rows). True when it re-laid W."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     weight = getattr(head, "weight", None)
@@ -284,8 +280,7 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str 
     model.train()  # never .eval(): see the module docstring
     if device.type == "cpu":
         disable_cpu_4bit_repacking(model)
-        if CPU_COLUMN_MAJOR_LM_HEAD:
-            column_major_lm_head(base)
+        column_major_lm_head(base)  # bench/lm_head_layout.py measures both layouts by swapping the weight
     policy = PolicyModel(model=model, processor=processor, family=family, device=device,
                          dtype=resolve_dtype(model_cfg.dtype, device),
                          gradient_checkpointing=model_cfg.gradient_checkpointing and trainable,

@@ -147,10 +147,11 @@ def pad_token_id(policy: PolicyModel) -> int:
     return eos_token_ids(policy)[0] if pad is None else pad
 
 
-def rows_can_split(top_p: float, top_k: int) -> bool:
-    """Whether a group's rows may be decoded in several calls (`generate(batch_rows=...)`): lite-srpo's own
-    full-distribution sampler seeds each row alone; HF's truncated sampler draws a prompt's G rows together."""
-    return top_p >= 1.0 and not top_k and sampling.ENABLED
+def uses_own_sampler(top_p: float, top_k: int, sampler: InverseCdfSampler | bool | None = None) -> bool:
+    """Whether sampling runs lite-srpo's full-distribution sampler (`generate`'s `sampler` argument) rather
+    than HF's. Only it can decode a group's rows in several calls (`batch_rows`): it seeds each row alone,
+    while HF's sampler draws a prompt's G rows together."""
+    return sampler is not False and top_p >= 1.0 and not top_k and (sampling.ENABLED or bool(sampler))
 
 
 @torch.no_grad()
@@ -176,7 +177,7 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
     eos = eos_token_ids(policy)
     chunks = [prompts] if batch_prompts <= 0 else [prompts[i:i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
     pieces: list[torch.Tensor] = []
-    own = do_sample and sampler is not False and top_p >= 1.0 and not top_k and (sampling.ENABLED or bool(sampler))
+    own = do_sample and uses_own_sampler(top_p, top_k, sampler)
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample and not own,
                                       pad_token_id=pad_id, eos_token_id=eos,
                                       suppress_tokens=policy.suppressed_token_ids(),

@@ -39,7 +39,7 @@ from .evaluate import evaluate
 from .objectives import grpo
 from .optim import build_optimizer, build_scheduler
 from .passes import rows_logprobs, run_passes
-from .rollout import RolloutBatch, generate, pad_token_id, rows_can_split
+from .rollout import RolloutBatch, generate, pad_token_id, uses_own_sampler
 from .state import Run
 from .step_parts import (batch_roles, corruption_params, encode_prompts, filter_key, prompts_for_step, step_metrics,
                          subset)
@@ -325,12 +325,12 @@ def step_with_oom_retry(run: Run, step: int) -> dict:
             if run.micro_batch > 1:
                 run.micro_batch //= 2
                 change = f"train.micro_batch_size -> {run.micro_batch}"
-            elif (run.generation_batch or run.cfg.rollout.prompts_per_step) > 1:
-                run.generation_batch = (run.generation_batch or run.cfg.rollout.prompts_per_step) // 2
+            elif (prompts := run.generation_batch or run.cfg.rollout.prompts_per_step) > 1:
+                run.generation_batch = prompts // 2
                 change = f"rollout.generation_batch_size -> {run.generation_batch}"
             else:
                 rows = run.generation_rows or run.cfg.rollout.group_size
-                if rows <= 1 or not rows_can_split(run.cfg.rollout.top_p, run.cfg.rollout.top_k):
+                if rows <= 1 or not uses_own_sampler(run.cfg.rollout.top_p, run.cfg.rollout.top_k):
                     raise LiteSrpoError(
                         "out of memory even with micro-batch 1 and one prompt (one row, with lite-srpo's sampler) per "
                         "generate call. Lower "
