@@ -3,9 +3,17 @@
 A trace is the structured response a careful solver would write: the perception facts, the
 reasoning, the boxed answer (`Sample.meta["perception"]`, `["reasoning"]`; procedural tasks carry them).
 The warm-up trains every weight by default and saves a plain HF model directory that RL loads as its base.
+
+Precision: the weights and AdamW's moments are always fp32 ("master weights"); with `model.dtype`
+bf16/fp16 (`auto` on CUDA) the forward and backward run under autocast in that dtype, and the saved model
+is cast to it at the end. A pure-bf16 AdamW would round away every update smaller than half a bf16 step
+of the weight (about 2^-9 of its size): at lr 1e-5 most of a 7B's weights would never move. fp32
+master weights cost 16 bytes a parameter, so a full fine-tune suits the tiny and small models the warm-up
+is for; `sft.full_finetune: false` trains the lm_head only.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -51,15 +59,24 @@ def trace_batch(policy: PolicyModel, samples: list[Sample], fmt: ResponseFormat,
                         texts=[""] * len(samples), truncated=torch.zeros(len(samples), dtype=torch.bool))
 
 
+def autocast_to(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast in `dtype` when it is a half type; nothing for fp32 (the weights are already fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def sft_warmup(cfg: RunConfig, train_set: list[Sample], out_dir: str | Path, events=None) -> Path:
-    """Full fine-tune (fp32/bf16, no 4-bit) on reference traces; saves model + processor to `out_dir`."""
+    """Full fine-tune (fp32 master weights, autocast in the recipe's dtype, no 4-bit) on reference traces;
+    saves model + processor, in the recipe's dtype, to `out_dir`."""
     sft: SftConfig = cfg.sft
     out_dir = Path(out_dir)
     device = pick_device()
-    model_cfg = type(cfg.model)(**{**vars(cfg.model), "load_in_4bit": False})
+    compute_dtype = resolve_dtype(cfg.model.dtype, device)
+    model_cfg = type(cfg.model)(**{**vars(cfg.model), "load_in_4bit": False, "dtype": "float32"})
     base, processor, family = load_base(model_cfg, device)
     policy = PolicyModel(model=base, processor=processor, family=family, device=device,
-                         dtype=resolve_dtype(cfg.model.dtype, device), gradient_checkpointing=False)
+                         dtype=compute_dtype, gradient_checkpointing=False)
     fmt = ResponseFormat(perception_tag=cfg.data.perception_tag, think_tag=cfg.data.think_tag,
                          template=cfg.data.template)
     params = []
@@ -76,7 +93,8 @@ def sft_warmup(cfg: RunConfig, train_set: list[Sample], out_dir: str | Path, eve
         idx = rng.choice(len(train_set), size=min(sft.batch_size, len(train_set)), replace=False)
         batch = trace_batch(policy, [train_set[i] for i in idx], fmt, cfg.data.template)
         rows = list(range(batch.size))
-        logp = rows_logprobs(policy, batch, rows, policy_logprob_chunk(cfg, policy), temperature=1.0)
+        with autocast_to(device, compute_dtype):
+            logp = rows_logprobs(policy, batch, rows, policy_logprob_chunk(cfg, policy), temperature=1.0)
         mask = batch.response_mask.float().to(logp.device)
         loss = -(logp * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
@@ -88,6 +106,7 @@ def sft_warmup(cfg: RunConfig, train_set: list[Sample], out_dir: str | Path, eve
         if step % max(1, sft.steps // 10) == 0 or step == sft.steps:
             log.info("sft step %d/%d loss %.4f (%.0fs)", step, sft.steps, float(loss.detach()), time.perf_counter() - t0)
     out_dir.mkdir(parents=True, exist_ok=True)
+    base.to(compute_dtype)
     base.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     return out_dir

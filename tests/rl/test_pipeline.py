@@ -122,3 +122,23 @@ def test_compare_two_arms_one_step_writes_compare_json(tiny_qwen, tmp_path):
     assert [r["seed"] for r in more["runs"]] == [seed0 + 2] and (tmp_path / "more" / f"compare_dapo_s{seed0 + 2}").is_dir()
     from lite_srpo.eval.compare_report import merge
     assert merge([saved, more])["arm_seeds"]["dapo"] == [seed0, seed0 + 2]
+
+
+def test_bf16_sft_keeps_fp32_master_weights_so_small_updates_add_up(tiny_qwen, tmp_path):
+    """At lr 2e-5, one AdamW step moves a weight by about 2e-5: under half a bf16 step for every weight
+    of magnitude above ~0.01, so a pure-bf16 update rounds back and that weight never moves. With fp32
+    master weights the steps add up and show after the final cast to bf16. (Checked by hand: with the
+    warm-up loading the model in bf16, as it did before, `moved` was 0.0.)"""
+    from safetensors.torch import load_file
+
+    cfg = config_from_dict(tiny_recipe(tiny_qwen, tmp_path, sft__steps=12, sft__batch_size=4, sft__lr=2e-5,
+                                       data__n_train=8, model__dtype="bfloat16"))
+    train_set, _ = load_splits(cfg.data, seed=cfg.train.seed)
+    out = sft_warmup(cfg, train_set, tmp_path / "sft_model")
+    before, after = load_file(tiny_qwen / "model.safetensors"), load_file(out / "model.safetensors")
+    key = next(k for k in after if k.endswith("layers.0.self_attn.q_proj.weight"))
+    assert after[key].dtype == torch.bfloat16  # saved in the recipe's dtype
+    start = before[key].to(torch.bfloat16)
+    large = start.float().abs() > 0.01
+    moved = float((after[key] != start)[large].float().mean())
+    assert moved > 0.5, moved
