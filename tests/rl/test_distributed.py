@@ -283,11 +283,49 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint(g
     assert step < 500 and (run_dir / "checkpoints" / f"step_{step:06d}").is_dir()
 
 
-def test_each_rank_loads_its_model_on_its_own_gpu(monkeypatch):
-    """No GPU here, so CUDA is mocked (and only that): after `init_from_env` set rank 1's device, the model
-    goes to cuda:1, not to cuda:0 where every rank's copy would otherwise land."""
-    from lite_srpo.model.policy import pick_device
+class FakeCudaState:
+    """A stand-in for the one thing this machine lacks, a node with GPUs: the CUDA calls `init_from_env` and
+    `pick_device` make, over a real current-device state (set_device changes what current_device reads)."""
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert pick_device() == torch.device("cuda", 1)
+    def __init__(self, count: int) -> None:
+        self.count, self.current = count, 0
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda i: setattr(self, "current", int(i)))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+
+
+@pytest.mark.parametrize("rank,local,expected", [(1, 1, 1), (3, 1, 1), (2, 0, 0)])
+def test_each_rank_loads_its_model_on_its_own_gpu(monkeypatch, rank, local, expected):
+    """torchrun's env for one rank of a 2-node x 2-GPU job: `init_from_env` must set the device from
+    LOCAL_RANK (not RANK: rank 3 lives on its node's cuda:1), and `pick_device`, which places the model,
+    must read it back, not fall to cuda:0 where every rank's copy would otherwise land. The process group
+    itself is not joined here (NCCL needs the GPUs); `test_data_parallel_*` run real gloo groups."""
+    from lite_srpo.model.policy import pick_device
+    from lite_srpo.run import distributed
+
+    cuda = FakeCudaState(count=2)
+    cuda.install(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    joined = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: joined.append(backend))
+    ctx = distributed.init_from_env()
+    assert (ctx.rank, ctx.local_rank, ctx.world_size) == (rank, local, 4) and joined == ["nccl"]
+    assert pick_device() == torch.device("cuda", expected)
+
+
+def test_a_rank_beyond_the_nodes_gpus_is_refused_with_the_fix(monkeypatch):
+    from lite_srpo.errors import LiteSrpoError
+    from lite_srpo.run import distributed
+
+    FakeCudaState(count=2).install(monkeypatch)
+    for key, value in {"WORLD_SIZE": "3", "RANK": "2", "LOCAL_RANK": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    with pytest.raises(LiteSrpoError, match=r"rank 2 wants cuda:2 but this node has 2 GPU\(s\).*--nproc"):
+        distributed.init_from_env()

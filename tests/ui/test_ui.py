@@ -254,7 +254,7 @@ def test_fit_to_card_fills_the_settings_box_with_the_fastest_fit():
     assert same == extra and "Nothing fits 4 GiB" in message
 
 
-def test_processes_field_becomes_nproc_and_must_divide_the_prompts(tmp_path):
+def test_processes_field_becomes_nproc_and_must_divide_the_prompts(tmp_path, monkeypatch):
     """The form's Processes field: the command gets `--nproc N`, a count that does not divide the
     prompts per step is refused before anything is written, and a multi-process run records N (resume)."""
     base, values = form.load_form(DEMO)
@@ -269,8 +269,14 @@ def test_processes_field_becomes_nproc_and_must_divide_the_prompts(tmp_path):
     out = control.launch(cfg, [tmp_path], nproc=bad)
     assert not out.ok and f"processes={bad}" in out.message and "prompts_per_step" in out.message
     assert not cfg.run_dir.exists()
-    if process.device_slots() == ["cpu"]:  # CPU: N gloo processes share the one CPU slot
-        assert control.free_slot([tmp_path], nproc=2) == ("cpu", "")
+    # the slots a machine reports (`process.device_slots`, which reads torch.cuda) stood in for each kind of
+    # machine, since this one has no GPU: on the CPU N gloo processes share the one slot; GPUs are one each
+    for slots, expected in ((["cpu"], ("cpu", "")), (["0", "1"], ("0,1", "")), (["3", "5", "6"], ("3,5", ""))):
+        monkeypatch.setattr(control, "device_slots", lambda slots=slots: slots)
+        assert control.free_slot([tmp_path], nproc=2) == expected, slots
+    monkeypatch.setattr(control, "device_slots", lambda: ["0"])
+    slot, why = control.free_slot([tmp_path], nproc=2)
+    assert slot is None and "2 processes need 2 GPUs; this machine has 1" in why
 
 
 def test_form_out_of_range_value_is_reported_on_its_field():
@@ -352,7 +358,7 @@ def test_detached_process_stop_and_reattach(tmp_path):
             os.kill(record.pid, signal.SIGKILL)
 
 
-def test_one_run_per_device_and_no_second_run_in_a_directory(tmp_path):
+def test_one_run_per_device_and_no_second_run_in_a_directory(tmp_path, monkeypatch):
     roots = [tmp_path]
     busy_dir = tmp_path / "busy"
     busy_dir.mkdir()
@@ -361,10 +367,10 @@ def test_one_run_per_device_and_no_second_run_in_a_directory(tmp_path):
         data = load_recipe_dict(DEMO)
         data.update(name="second", output_dir=str(tmp_path))
         cfg = config_from_dict(data)
-        if process.device_slots() == ["cpu"]:
-            out = control.launch(cfg, roots)
-            assert not out.ok and "'busy'" in out.message and "one run at a time" in out.message
-            assert not (tmp_path / "second").exists()  # nothing started, nothing written
+        monkeypatch.setattr(control, "device_slots", lambda: ["cpu"])  # the trapper holds the CPU slot
+        out = control.launch(cfg, roots)
+        assert not out.ok and "'busy'" in out.message and "one run at a time" in out.message
+        assert not (tmp_path / "second").exists()  # nothing started, nothing written
     finally:
         os.kill(record.pid, signal.SIGKILL)
         process.wait_exit(record, 5)
