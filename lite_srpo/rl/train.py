@@ -28,8 +28,8 @@ from ..run.events import EventWriter, NullEvents
 from ..run.plot import write_curves
 from ..run.preflight import check_disk_space, check_output_dir, checkpoint_bytes
 from ..run.progress import Progress, announce, outputs_line
-from ..run.runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, restore_before_step, row_sampling_seed,
-                           sampling_seed, seed_everything, state_before_step)
+from ..run.runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, reset_peak_memory, restore_before_step,
+                           row_sampling_seed, sampling_seed, seed_everything, state_before_step)
 from ..run.trackers import open_trackers
 from .algorithms import ALGORITHM_SPECS, ShapeInputs, Shaping, old_pass_needed
 from .completions import step_completions
@@ -200,6 +200,7 @@ def rl_step(run: Run, step: int) -> dict:
     the whole step's vectors, so 7-8 see the global batch exactly as one process would."""
     cfg, policy, spec, ctx = run.cfg, run.policy, run.spec, run.dist
     t_start = time.perf_counter()
+    reset_peak_memory()  # mem/peak_gb: this step's peak
 
     # 1. prompts for this step (deterministic order: resume continues exactly); this rank's share
     samples = prompts_for_step(run.train_set, step, cfg.rollout.prompts_per_step, cfg.train.seed)

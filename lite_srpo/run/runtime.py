@@ -60,10 +60,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak window, so that `mem/peak_gb` is this step's peak, not the process's lifetime one
+    (which would hide a later step's growth behind step 1's rollout). On CUDA the allocator's peak; on
+    Linux the peak RSS (VmHWM), which writing 5 to /proc/self/clear_refs resets (Linux >= 4.0)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the lifetime peak is what remains
+        pass
+
+
+def _vm_hwm_kib() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_memory_gb() -> float:
+    """Peak since the last `reset_peak_memory`: CUDA bytes allocated, or the process's peak RSS on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    kib = _vm_hwm_kib()
+    if kib is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; never reset
+    return kib / 2**20
 
 
 def is_oom(exc: BaseException) -> bool:
