@@ -216,6 +216,11 @@ class TrainConfig:
     """At the start of a GPU run, replace the memory settings (generate calls and rows, micro-batch,
     lm_head chunk, checkpointing, offload, recompute chunk) by the fastest combination `lite-srpo plan
     --fit` finds for the card; on CPU it does nothing (logged)."""
+    auto_fit_margin: float = 0.1
+    """Fraction of the card auto_fit leaves outside the plan (0.1: 2.4 GiB of 24). The plan's CUDA
+    context (0.5 GiB) and allocator slack (x1.07) are not yet measured on a GPU, and it does not see
+    cuBLAS/bitsandbytes workspaces or a desktop session on the same card; an out-of-memory retry halves
+    the micro-batch for the rest of the run, which costs more than the margin does."""
     seed: int = 0
     save_every: int = 10
     keep_last: int = 3

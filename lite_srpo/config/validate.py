@@ -66,6 +66,9 @@ def problems(cfg: RunConfig) -> list[str]:
     for key in ("offload_activations", "auto_fit"):
         value = getattr(cfg.train, key)
         need(isinstance(value, bool), f"train.{key}", value, "true or false")
+    margin = cfg.train.auto_fit_margin
+    need(isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 <= margin < 0.9,
+         "train.auto_fit_margin", margin, "a fraction of the card, 0 <= margin < 0.9 (0.1 leaves 10 %)")
     need(cfg.train.save_every >= 0, "train.save_every", cfg.train.save_every, "needs >= 0 (0 = only at the end)")
     need(cfg.train.keep_last >= 1, "train.keep_last", cfg.train.keep_last, "needs >= 1")
     need(cfg.train.log_completions_every >= 0, "train.log_completions_every", cfg.train.log_completions_every,

@@ -181,14 +181,16 @@ def test_new_keys_are_validated():
     from lite_srpo.errors import ConfigError
 
     for bad in ("rollout.generation_rows=-1", "train.recompute_chunk=-5", "train.offload_activations=3",
-                "train.auto_fit=maybe"):
+                "train.auto_fit=maybe", "train.auto_fit_margin=0.95"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             cfg7(**dict([bad.split("=")]))
     assert math.isclose(plan(cfg7(), 24, D7)["peak_gib"], plan(cfg7(**{"train.auto_fit": "true"}), 24, D7)["peak_gib"])
 
 
-def test_auto_fit_on_a_card_applies_the_fit_and_logs_it(monkeypatch, caplog):
-    """A 24 GiB card stood in for (no GPU here): the recipe comes back with --fit's settings."""
+def test_auto_fit_on_a_card_leaves_its_margin_and_logs_it(monkeypatch, caplog):
+    """A 24 GiB card stood in for (no GPU here: the three torch.cuda calls auto_fit makes). The recipe, as
+    written, does not fit; auto_fit's settings must fit the card less its default 10 % margin (21.6 GiB),
+    where the fastest settings for the full 24 GiB do not (checked first, so the margin is what is tested)."""
     import types
 
     import torch
@@ -197,15 +199,16 @@ def test_auto_fit_on_a_card_applies_the_fit_and_logs_it(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=24 * GIB))
     cfg = cfg7(**{"train.auto_fit": "true", "rollout.max_new_tokens": 32768})
+    assert cfg.train.auto_fit_margin == 0.1
+    full_card = with_settings(cfg, fit(cfg, 24.0)["settings"])
+    assert plan(full_card, 24.0)["fits"] and not plan(full_card, 21.6)["fits"]
     with caplog.at_level(logging.INFO, logger="lite_srpo.model.memory.fit"):
         fitted = auto_fit(cfg)
-    expected = fit(cfg, 24.0)
-    assert expected["fits"] and expected["overrides"]
-    for key, value in expected["settings"].items():
-        section, name = key.split(".")
-        assert getattr(getattr(fitted, section), name) == value
-    assert "train.auto_fit: 24.0 GiB card -> " + override_line(expected["overrides"]) in caplog.text
-    assert plan(fitted, 24.0)["fits"] and not plan(cfg, 24.0)["fits"]
+    assert plan(fitted, 21.6)["fits"] and not plan(cfg, 24.0)["fits"]
+    assert "24.0 GiB card, 21.6 GiB planned for (auto_fit_margin 0.1)" in caplog.text
+    no_margin = auto_fit(cfg7(**{"train.auto_fit": "true", "rollout.max_new_tokens": 32768,
+                                 "train.auto_fit_margin": "0"}))
+    assert not plan(no_margin, 21.6)["fits"] and plan(no_margin, 24.0)["fits"]  # margin 0 packs the card
 
 
 def test_a_card_counts_the_larger_update_moment_cpu_rss_both():

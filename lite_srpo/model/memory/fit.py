@@ -202,7 +202,8 @@ def auto_fit(cfg: RunConfig, ranks: int = 1) -> RunConfig:
     if not torch.cuda.is_available():
         log.info("train.auto_fit: no CUDA device, nothing to fit; the recipe's memory settings are used as written")
         return cfg
-    budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    budget = card * (1 - cfg.train.auto_fit_margin)
     try:
         result = fit(cfg, budget, ranks=ranks)
     except LiteSrpoError as exc:  # e.g. a model whose dimensions the planner cannot read
@@ -212,7 +213,8 @@ def auto_fit(cfg: RunConfig, ranks: int = 1) -> RunConfig:
         log.warning("train.auto_fit: nothing fits %.1f GiB by the plan; running the recipe as written "
                     "(out-of-memory retries lower the micro-batch and generate batch)", budget)
         return cfg
-    log.info("train.auto_fit: %.1f GiB card -> %s (planned %.2f GiB needed)", budget,
+    log.info("train.auto_fit: %.1f GiB card, %.1f GiB planned for (auto_fit_margin %g) -> %s (planned %.2f GiB "
+             "needed)", card, budget, cfg.train.auto_fit_margin,
              override_line(result["overrides"]) or "the recipe's settings (already the fastest that fit)",
              result["plan"]["needed_gib"])
     return with_settings(cfg, result["settings"])
