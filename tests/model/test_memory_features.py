@@ -233,3 +233,25 @@ def test_a_card_counts_the_larger_update_moment_cpu_rss_both():
     # without checkpointing every layer's activations live through the lm_head: no moments
     assert not any(x.moment for x in phase_terms(cfg7(**{"model.gradient_checkpointing": "false"}), D7, "cuda",
                                                  P, 8, R))
+
+
+def test_plan_weighs_the_pinned_host_buffers_against_the_machines_ram(capsys):
+    """Offload moves the checkpointed layer inputs into pinned host memory: 12.6 GiB for the 7B recipe at
+    32k-token responses. A 64 GiB machine holds them; a 16 GiB desktop does not (pinned <= half the RAM),
+    and --fit on that desktop must not choose a setting whose pinned buffers overflow it."""
+    from lite_srpo.model.memory.plan import HOST_PINNED_FRACTION
+
+    cfg = cfg7(**{"rollout.max_new_tokens": 32768, "train.offload_activations": "true"})
+    big = plan(cfg, 80.0, D7, host_mem_gib=64.0)
+    small = plan(cfg, 80.0, D7, host_mem_gib=16.0)
+    assert 12.0 < big["host_gib"] == small["host_gib"] < 13.0
+    assert big["fits"] and big["host_fits"]
+    assert not small["fits"] and not small["host_fits"] and small["needed_gib"] <= 80.0  # the card alone would fit
+    assert plan(cfg, 80.0, D7)["fits"]  # no RAM given: the card alone decides (the function's default)
+    for host in (16.0, 64.0):
+        found = fit(cfg, 80.0, D7, host_mem_gib=host)
+        assert found["fits"] and found["plan"]["host_gib"] <= HOST_PINNED_FRACTION * host
+    assert plan_main([str(RECIPE_7B), "rollout.max_new_tokens=32768", "train.offload_activations=true",
+                      "--gpu-mem", "80GiB", "--host-mem", "16GiB"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT 16.0 GiB of RAM" in out and "the machine's RAM would not hold the pinned buffers" in out

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 from ...config import RunConfig
 from ...errors import LiteSrpoError
 from ..dims import ModelDims, as_dims, load_model_dims
-from .plan import _needed, plan, sum_phases
+from .plan import _needed, host_fits, machine_ram_gib, plan, sum_phases
 from .terms import logprob_chunk, per_rank_config, phase_terms, prompt_length
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def most_saving(cfg: RunConfig) -> dict[str, Any]:
 
 def fit(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims | None = None, *,
         device: str = "cuda", prompt_tokens: int | None = None, ranks: int = 1,
-        response_tokens: int | None = None) -> dict:
+        response_tokens: int | None = None, host_mem_gib: float | None = None) -> dict:
     """The fastest searched settings (cost order above) whose planned step fits `gpu_mem_gib`.
 
     Returns `settings` (every searched key), `overrides` (those that differ from the recipe, plus
@@ -118,7 +118,11 @@ def fit(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims 
 
     def phase_ok(c: RunConfig, names: tuple[str, ...]) -> bool:
         _, phases, _ = sum_phases(phase_terms(c, dims, device, prompt, g, r, ranks), device)
-        return all(_needed(phases[p], device) <= gpu_mem_gib for p in names)
+        card_ok = all(_needed(phases[p], device) <= gpu_mem_gib for p in names)
+        if "update" not in names:  # the pinned buffers hold the update's offloaded layer inputs
+            return card_ok
+        host = sum(t.gib for t in phase_terms(c, dims, device, prompt, g, r, ranks) if t.phase == "host")
+        return card_ok and host_fits(host, host_mem_gib)
 
     gen = next((o for o in generation_options(local, g)
                 if phase_ok(with_settings(cfg, _keys(o)), ("generation",))), None)
@@ -127,7 +131,7 @@ def fit(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims 
                   if phase_ok(with_settings(cfg, _keys(o)), ("passes", "update"))), None)
     saving = most_saving(cfg)
     saving_plan = plan(with_settings(cfg, saving), gpu_mem_gib, dims, device=device, prompt_tokens=prompt_tokens,
-                       ranks=ranks)
+                       ranks=ranks, host_mem_gib=host_mem_gib)
     out: dict[str, Any] = {"budget_gib": gpu_mem_gib, "device": device, "group_size": g, "response_tokens": r,
                            "cost_order": list(COST_ORDER), "fits": gen is not None and train is not None,
                            "most_saving": {"settings": saving,
@@ -139,7 +143,8 @@ def fit(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims 
         return out
     settings = {**_keys(gen), **_keys(train)}
     chosen = with_settings(cfg, settings)
-    p = plan(chosen, gpu_mem_gib, dims, device=device, prompt_tokens=prompt_tokens, ranks=ranks)
+    p = plan(chosen, gpu_mem_gib, dims, device=device, prompt_tokens=prompt_tokens, ranks=ranks,
+             host_mem_gib=host_mem_gib)
     overrides = {k: v for k, v in settings.items() if _get(cfg, k) != v}
     if response_tokens is not None:
         overrides = {"rollout.max_new_tokens": response_tokens, **overrides}
@@ -205,7 +210,7 @@ def auto_fit(cfg: RunConfig, ranks: int = 1) -> RunConfig:
     card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
     budget = card * (1 - cfg.train.auto_fit_margin)
     try:
-        result = fit(cfg, budget, ranks=ranks)
+        result = fit(cfg, budget, ranks=ranks, host_mem_gib=machine_ram_gib())
     except LiteSrpoError as exc:  # e.g. a model whose dimensions the planner cannot read
         log.warning("train.auto_fit: cannot plan this recipe (%s); running it as written", exc)
         return cfg

@@ -13,7 +13,9 @@ resident set (fp32 compute, the Python/torch/transformers baseline included).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
+from pathlib import Path
 
 from ...config import RunConfig
 from ...errors import ConfigError
@@ -45,6 +47,31 @@ def sum_phases(terms: list[Term], device: str) -> tuple[float, dict[str, float],
     return phases[worst], phases, worst
 
 
+HOST_PROCESS_GIB = 3.0
+"""Host RAM a CUDA training process holds besides its pinned buffers: Python, torch with its CUDA
+libraries, transformers, the tokenizer and the data (an estimate, not measured here: no GPU)."""
+HOST_PINNED_FRACTION = 0.5
+"""Pinned (page-locked) memory can be neither swapped nor reclaimed; a plan keeps it under half the RAM
+so the OS, its page cache and the rest of the machine keep theirs (a rule of thumb: 18 GiB pinned on a
+32 GiB desktop does not fit)."""
+
+
+def machine_ram_gib() -> float:
+    """This machine's RAM (Linux /proc/meminfo; 16 GiB when it cannot be read)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemTotal:\s+(\d+)", text).group(1)) / 2**20
+    except (OSError, AttributeError):
+        return 16.0
+
+
+def host_fits(host_gib: float, host_mem_gib: float | None) -> bool:
+    """Whether `host_gib` of pinned buffers fits a machine with `host_mem_gib` of RAM (None: not checked)."""
+    if host_mem_gib is None:
+        return True
+    return host_gib <= HOST_PINNED_FRACTION * host_mem_gib and host_gib + HOST_PROCESS_GIB <= host_mem_gib
+
+
 def _needed(peak: float, device: str) -> float:
     return peak * CUDA_ALLOCATOR_SLACK + CUDA_CONTEXT_GIB if device == "cuda" else peak
 
@@ -63,8 +90,10 @@ def _largest(fits, lo: int, hi: int) -> int | None:
 
 def plan(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims | None = None, *,
          device: str = "cuda", prompt_tokens: int | None = None, ranks: int = 1,
-         dense_mask: bool | None = None) -> dict:
-    """Predicted peak memory of one training step of `cfg` on `device` against a `gpu_mem_gib` budget.
+         dense_mask: bool | None = None, host_mem_gib: float | None = None) -> dict:
+    """Predicted peak memory of one training step of `cfg` on `device` against a `gpu_mem_gib` budget,
+    and, with `host_mem_gib`, of its pinned host buffers against the machine's RAM (`host_fits`): a step
+    fits only when both do.
 
     Returns the breakdown (`terms`), the peak per phase, whether it fits, and the largest group size
     and response length that fit with everything else unchanged. With `ranks` > 1 every figure is per
@@ -90,6 +119,7 @@ def plan(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims
         return _needed(sum_phases(terms_at, device)[0], device) <= gpu_mem_gib
 
     logits = max(t.gib for t in terms if t.name.startswith("streamed lm_head"))
+    host_gib = sum(t.gib for t in terms if t.phase == "host")
     return {
         "device": device,
         "measures": ("torch.cuda.max_memory_allocated (+ CUDA context and allocator slack to fit the card)"
@@ -110,9 +140,10 @@ def plan(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims
                   "attn_implementation": cfg.model.attn_implementation},
         "terms": [asdict(t) for t in terms],
         "phases": phases, "peak_phase": worst, "peak_gib": peak, "logits_gib": logits,
-        "host_gib": sum(t.gib for t in terms if t.phase == "host"),
+        "host_gib": host_gib, "host_mem_gib": host_mem_gib, "host_fits": host_fits(host_gib, host_mem_gib),
         "full_logits_gib": g * local_prompts * r * dims.vocab * 4 / GIB,
-        "needed_gib": needed, "budget_gib": gpu_mem_gib, "fits": needed <= gpu_mem_gib,
+        "needed_gib": needed, "budget_gib": gpu_mem_gib,
+        "fits": needed <= gpu_mem_gib and host_fits(host_gib, host_mem_gib),
         "max_group_size": _largest(lambda x: fits_with(x, r), 2, 4096),
         "max_response_tokens": _largest(lambda x: fits_with(g, x), 1, 262_144),
     }

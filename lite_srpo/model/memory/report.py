@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...config import load_config
 from ...errors import ConfigError, LiteSrpoError
-from .plan import CUDA_ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, plan
+from .plan import CUDA_ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, HOST_PINNED_FRACTION, HOST_PROCESS_GIB, machine_ram_gib, plan
 from .terms import GIB
 
 
@@ -46,9 +46,15 @@ def format_plan(p: dict) -> str:
     else:
         lines.append(f"peak RSS {p['peak_gib']:.2f} GiB")
     if p.get("host_gib"):
-        lines.append(f"pinned host memory for offloaded activations: {p['host_gib']:.2f} GiB (RAM, not on the card)")
+        line = f"pinned host memory for offloaded activations: {p['host_gib']:.2f} GiB (RAM, not on the card)"
+        if p.get("host_mem_gib") is not None:
+            line += (f"; {'fits' if p['host_fits'] else 'DOES NOT FIT'} {p['host_mem_gib']:.1f} GiB of RAM (pinned "
+                     f"<= {HOST_PINNED_FRACTION:g} of RAM, + {HOST_PROCESS_GIB:g} GiB for the process)")
+        lines.append(line)
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"
-    lines.append(f"{verdict} in {p['budget_gib']:.1f} GiB")
+    why = " (the card would; the machine's RAM would not hold the pinned buffers)" if (
+        not p["fits"] and p["needed_gib"] <= p["budget_gib"]) else ""
+    lines.append(f"{verdict} in {p['budget_gib']:.1f} GiB{why}")
     lines.append(f"streamed logits: {p['logits_gib']:.2f} GiB (full [tokens x vocab] fp32 logits would be "
                  f"{p['full_logits_gib']:.2f} GiB)")
     mg, mr = p["max_group_size"], p["max_response_tokens"]
@@ -84,6 +90,8 @@ def plan_main(argv: list[str] | None = None) -> int:
                     help="prompt length incl. image tokens (default: estimated)")
     ap.add_argument("--nproc", type=int, default=1, metavar="N",
                     help="data-parallel processes: plan the memory of one rank (prompts_per_step / N prompts each)")
+    ap.add_argument("--host-mem", default=None,
+                    help="the machine's RAM for pinned offload buffers, e.g. 32GiB (default: this machine's)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.add_argument("--fit", action="store_true",
                     help="search the fastest memory settings that fit the card (generate calls and rows, micro-batch, "
@@ -96,18 +104,19 @@ def plan_main(argv: list[str] | None = None) -> int:
         device = a.device
         if device == "auto":
             device = "cuda" if a.gpu_mem is not None or _cuda_available() else "cpu"
-        budget = parse_memory(a.gpu_mem) if a.gpu_mem is not None else (24.0 if device == "cuda" else _ram_gib())
+        budget = parse_memory(a.gpu_mem) if a.gpu_mem is not None else (24.0 if device == "cuda" else machine_ram_gib())
+        host = parse_memory(a.host_mem) if a.host_mem is not None else machine_ram_gib()
         if a.response_len is not None and not a.fit:
             raise ConfigError("--response-len needs --fit (to plan another length: rollout.max_new_tokens=N)")
         if a.fit:
             from .fit import fit, format_fit
 
             found = fit(cfg, budget, device=device, prompt_tokens=a.prompt_tokens, ranks=a.nproc,
-                        response_tokens=a.response_len)
+                        response_tokens=a.response_len, host_mem_gib=host)
             print(json.dumps(found, indent=2) if a.json else f"lite-srpo plan --fit {a.recipe}\n"
                   + format_fit(found, " ".join([a.recipe, *a.overrides])))
             return 0 if found["fits"] else 1
-        result = plan(cfg, budget, device=device, prompt_tokens=a.prompt_tokens, ranks=a.nproc)
+        result = plan(cfg, budget, device=device, prompt_tokens=a.prompt_tokens, ranks=a.nproc, host_mem_gib=host)
     except LiteSrpoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -123,9 +132,3 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _ram_gib() -> float:
-    try:
-        text = Path("/proc/meminfo").read_text()
-        return int(re.search(r"MemTotal:\s+(\d+)", text).group(1)) / 2**20
-    except (OSError, AttributeError):
-        return 16.0
