@@ -222,6 +222,10 @@ class TrainConfig:
     cuBLAS/bitsandbytes workspaces or a desktop session on the same card; an out-of-memory retry halves
     the micro-batch for the rest of the run, which costs more than the margin does."""
     seed: int = 0
+    deterministic: bool = False
+    """Bitwise-repeatable GPU runs at some speed cost (`run/runtime.py::set_determinism`): deterministic
+    kernels only (an op without one raises), cuBLAS's fixed workspace, no cuDNN autotuning, no TF32 or
+    reduced-precision bf16 reductions. CPU runs are repeatable without it (on one machine and thread count)."""
     save_every: int = 10
     keep_last: int = 3
     tokens_every: int = 1

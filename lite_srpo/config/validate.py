@@ -63,7 +63,7 @@ def problems(cfg: RunConfig) -> list[str]:
     need(not cfg.train.offload_activations or cfg.model.gradient_checkpointing, "train.offload_activations",
          cfg.train.offload_activations, "needs model.gradient_checkpointing: true (what is offloaded is the "
          "checkpointed layers' inputs)")
-    for key in ("offload_activations", "auto_fit"):
+    for key in ("offload_activations", "auto_fit", "deterministic"):
         value = getattr(cfg.train, key)
         need(isinstance(value, bool), f"train.{key}", value, "true or false")
     margin = cfg.train.auto_fit_margin

@@ -29,7 +29,7 @@ from ..run.plot import write_curves
 from ..run.preflight import check_disk_space, check_output_dir, checkpoint_bytes
 from ..run.progress import Progress, announce, outputs_line
 from ..run.runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, reset_peak_memory, restore_before_step,
-                           row_sampling_seed, sampling_seed, seed_everything, state_before_step)
+                           row_sampling_seed, sampling_seed, seed_everything, set_determinism, state_before_step)
 from ..run.trackers import open_trackers
 from .algorithms import ALGORITHM_SPECS, ShapeInputs, Shaping, old_pass_needed
 from .completions import step_completions
@@ -75,6 +75,7 @@ def setup(cfg: RunConfig, resume: bool = False, overwrite: bool = False, ctx: Di
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume and last is None:
         raise LiteSrpoError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (nothing to resume)")
+    set_determinism(cfg.train.deterministic)
     seed_everything(cfg.train.seed)
     train_set, test_set = load_splits(cfg.data, seed=cfg.train.seed)
     policy = load_policy(cfg.model, cfg.lora, offload_activations=cfg.train.offload_activations,

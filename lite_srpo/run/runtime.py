@@ -60,6 +60,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_determinism(on: bool) -> None:
+    """train.deterministic: the settings a GPU run needs to repeat bit for bit (seeds alone do not).
+
+    - `torch.use_deterministic_algorithms(True)`: ops with atomics-based CUDA kernels (index_add, scatter
+      adds, the memory-efficient SDPA backward) switch to deterministic ones or raise, naming the op;
+    - `CUBLAS_WORKSPACE_CONFIG=:4096:8`: cuBLAS (and bitsandbytes' 4-bit matmuls, which dequantize and
+      call it) then picks the same reduction order every time; it must be set before the first cuBLAS call,
+      which is why the training entry point calls this before loading the model;
+    - cuDNN: no benchmark autotuning (it may pick another kernel per run), deterministic kernels;
+    - matmuls in true fp32 (no TF32) and bf16 GEMMs without reduced-precision reductions.
+    lite-srpo's own sampler draws its uniforms from CPU generators (`sampling.py`), so the tokens depend
+    only on the logits. Off restores torch's defaults for the first two."""
+    import os
+
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cuda.matmul.allow_tf32 = False if on else torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False if on else torch.backends.cudnn.allow_tf32
+    if on:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+
+
 def reset_peak_memory() -> None:
     """Start a new peak window, so that `mem/peak_gb` is this step's peak, not the process's lifetime one
     (which would hide a later step's growth behind step 1's rollout). On CUDA the allocator's peak; on

@@ -156,3 +156,22 @@ def test_eval_on_start_gives_the_curve_a_step_0_baseline_once(tiny_qwen, tmp_pat
     train(config_from_dict(recipe), resume=True, quiet=True)
     evals = [e["step"] for e in read_events(tmp_path / "t" / "events.jsonl") if e["type"] == "eval"]
     assert evals == [0, 2, 4]
+
+
+def test_deterministic_recipe_turns_on_the_gpu_determinism_settings_and_trains(tiny_qwen, tmp_path):
+    """train.deterministic: the settings are global torch state, so the test puts the defaults back."""
+    import os
+
+    recipe = tiny_recipe(tiny_qwen, tmp_path, train__steps=1, train__deterministic=True, train__save_every=0)
+    try:
+        run = train(config_from_dict(recipe), quiet=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cuda.matmul.allow_tf32
+        metrics = next(e for e in read_events(run.run_dir / "events.jsonl") if e["type"] == "metrics")
+        assert math.isfinite(metrics["loss/total"])
+        train(config_from_dict(tiny_recipe(tiny_qwen, tmp_path / "off", train__steps=1, train__save_every=0)),
+              quiet=True)
+        assert not torch.are_deterministic_algorithms_enabled()  # the next recipe's own setting wins
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
