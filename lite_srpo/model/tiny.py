@@ -353,7 +353,8 @@ def _idefics3_seq_len(d: _Dims) -> int:
 # processor
 
 
-def _processor(arch: str, d: _Dims, tok: Any) -> Any:
+def _processor(arch: str, d: _Dims, tok: Any, hub: Any = None) -> Any:
+    """`hub` (tiny_hub.HubFiles): the published chat template and Qwen pixel bounds (Idefics3 keeps its tiny side)."""
     from .processors import processor_class
 
     if arch == "idefics3":
@@ -369,7 +370,7 @@ def _processor(arch: str, d: _Dims, tok: Any) -> Any:
             image_processor=image_processor,
             tokenizer=tok,
             image_seq_len=_idefics3_seq_len(d),
-            chat_template=IDEFICS3_CHAT_TEMPLATE,
+            chat_template=hub.chat_template if hub else IDEFICS3_CHAT_TEMPLATE,
         )
 
     from transformers import Qwen2VLImageProcessorPil
@@ -378,22 +379,29 @@ def _processor(arch: str, d: _Dims, tok: Any) -> Any:
     unit = patch * 2  # one merged image token covers unit x unit pixels
     # At least 2x2 merged tokens (a 56x56 image gives 4 for patch 14); at most 3x3 = 9 for "test"
     # and 4x4 = 16 for "demo" (a 112x112 image).
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=(2 * unit) ** 2,
-        max_pixels=(d.max_image_units * unit) ** 2,
-        patch_size=patch,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
-    return processor_class(arch)(image_processor=image_processor, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
+    settings = dict(min_pixels=(2 * unit) ** 2, max_pixels=(d.max_image_units * unit) ** 2, patch_size=patch,
+                    temporal_patch_size=2, merge_size=2)
+    if hub is not None:
+        from .tiny_hub import image_processor_kwargs
+
+        settings = image_processor_kwargs(hub)
+        if settings["patch_size"] != patch:
+            raise ModelError(f"hub={hub.name!r}: published patch_size {settings['patch_size']}, the tiny {arch} has {patch}")
+    image_processor = Qwen2VLImageProcessorPil(**settings)
+    template = hub.chat_template if hub else QWEN_CHAT_TEMPLATE
+    return processor_class(arch)(image_processor=image_processor, tokenizer=tok, chat_template=template)
 
 
 # ---------------------------------------------------------------------------------------------
 # entry points
 
 
-def make_tiny(arch: str, out_dir: str | Path, size: str = "test", seed: int = 0) -> Path:
-    """Write a tiny random `arch` model (seeded weights) with tokenizer and processor to `out_dir`."""
+def make_tiny(arch: str, out_dir: str | Path, size: str = "test", seed: int = 0, hub: str | None = None) -> Path:
+    """Write a tiny random `arch` model (seeded weights) with tokenizer and processor to `out_dir`.
+
+    `hub`: a checkpoint name from `tiny_hub.CHECKPOINT_ARCH`; the model then carries that checkpoint's
+    published generation config, processor settings, chat template, special-token ids, vocabulary size
+    and embedding tying (`tiny_hub.py`)."""
     archs = available_archs()
     if arch not in archs:
         raise ModelError(f"unknown or unavailable arch {arch!r}; available: {archs}")
@@ -406,8 +414,17 @@ def make_tiny(arch: str, out_dir: str | Path, size: str = "test", seed: int = 0)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tok = _hf_tokenizer(arch, d.vocab)
+    files = None
+    if hub is not None:
+        from .tiny_hub import apply_to_config, hub_tokenizer, load_hub_files
+
+        files = load_hub_files(hub)
+        if files.arch != arch:
+            raise ModelError(f"hub={hub!r} is a {files.arch} checkpoint, not {arch}")
+    tok = hub_tokenizer(files, d.vocab) if files else _hf_tokenizer(arch, d.vocab)
     config = _idefics3_config(d, tok) if arch == "idefics3" else _qwen_config(arch, d, tok)
+    if files:
+        apply_to_config(config, files)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
@@ -416,7 +433,11 @@ def make_tiny(arch: str, out_dir: str | Path, size: str = "test", seed: int = 0)
         pad_token_id=tok.pad_token_id,
     )
     model.save_pretrained(out)
-    _processor(arch, d, tok).save_pretrained(out)
+    _processor(arch, d, tok, files).save_pretrained(out)
+    if files:
+        from .tiny_hub import write_published
+
+        write_published(out, files)
     return out
 
 
@@ -425,10 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lite-srpo make-tiny", description=make_tiny.__doc__)
     parser.add_argument("--arch", required=True, choices=list(_ALL_ARCHS))
     parser.add_argument("--size", default="test", choices=list(SIZES))
+    parser.add_argument("--hub", default=None, help="carry this checkpoint's published hub files (tiny_hub.py)")
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)
     try:
-        path = make_tiny(args.arch, args.out_dir, size=args.size)
+        path = make_tiny(args.arch, args.out_dir, size=args.size, hub=args.hub)
     except ModelError as exc:
         parser.exit(2, f"error: {exc}\n")
     print(path)

@@ -18,6 +18,7 @@ from ..data.prompts import ResponseFormat, build_messages
 from ..data.tasks.base import Sample
 from ..model.policy import PolicyModel
 from . import sampling
+from .generation_settings import NEUTRAL_LOGIT_SETTINGS, own_generation_settings
 from .sampling import InverseCdfSampler
 
 # Visual tensors whose first dimension concatenates over images (Qwen's flat patch list).
@@ -160,7 +161,9 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
              batch_prompts: int = 0, sampler: InverseCdfSampler | bool | None = None,
              seed_of: Callable[[int], int] | None = None, batch_rows: int = 0,
              row_seed_of: Callable[[int, int], int] | None = None) -> RolloutBatch:
-    """Sample `group_size` responses per prompt (adapter on, vision special tokens suppressed).
+    """Sample `group_size` responses per prompt (adapter on, vision special tokens suppressed), with the
+    recipe's settings only: the checkpoint's generation config cannot reshape the draws
+    (`generation_settings.py`), so what is sampled is what the passes score.
 
     `sampler`: full-distribution sampling (top_p 1, top_k 0) draws tokens by inverse CDF
     (`sampling.py`: the same distribution as HF's multinomial, far cheaper over a 152k vocabulary) unless
@@ -181,7 +184,8 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample and not own,
                                       pad_token_id=pad_id, eos_token_id=eos,
                                       suppress_tokens=policy.suppressed_token_ids(),
-                                      num_return_sequences=group_size if do_sample and not own else 1)
+                                      num_return_sequences=group_size if do_sample and not own else 1,
+                                      **NEUTRAL_LOGIT_SETTINGS)
     if own:  # greedy generate whose last processor samples: rows are repeated here instead of by HF
         from transformers import LogitsProcessorList
 
@@ -190,13 +194,13 @@ def generate(policy: PolicyModel, prompts: list[PromptInputs], group_size: int, 
         gen_kwargs.update(temperature=None, top_p=None, top_k=None, suppress_tokens=None,
                           logits_processor=LogitsProcessorList([sampler]))
     elif do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or 0)  # 0, not None: no top-k
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     if batch_rows > 0 and do_sample and not own:
         raise ValueError("batch_rows (rollout.generation_rows) needs full-distribution sampling (top_p 1, top_k 0) "
                          "with lite-srpo's sampler, or greedy decoding")
-    with policy.policy(), policy.generation_mode():
+    with policy.policy(), policy.generation_mode(), own_generation_settings(policy.hf):
         for k, chunk in enumerate(chunks):
             first = k * (batch_prompts if batch_prompts > 0 else 0)
             if batch_rows > 0:

@@ -314,3 +314,30 @@ def test_cli_main(tmp_path, capsys):
     }
     with pytest.raises(SystemExit):
         main(["--arch", "llava", str(tmp_path / "x")])
+
+
+def test_hub_option_carries_the_published_files(tmp_path):
+    """make_tiny(hub=...): the published generation config verbatim, the real vocabulary, tying and
+    special-token ids, the published pixel bounds and the chat template's default system prompt."""
+    import json
+
+    from transformers import AutoConfig
+
+    from lite_srpo.model.processors import load_processor
+
+    from lite_srpo.model.tiny import make_tiny
+    from lite_srpo.model.tiny_hub import folder_of
+
+    for name, vocab, tie in (("Qwen/Qwen2.5-VL-7B-Instruct", 152064, False), ("Qwen/Qwen2.5-VL-3B-Instruct", 151936, True)):
+        out = make_tiny("qwen2_5_vl", tmp_path / name.split("/")[1], hub=name)
+        assert json.loads((out / "generation_config.json").read_text()) == json.loads(
+            (folder_of(name) / "generation_config.json").read_text())
+        cfg = AutoConfig.from_pretrained(out)
+        assert cfg.get_text_config().vocab_size == vocab and cfg.tie_word_embeddings == tie
+        assert (cfg.image_token_id, cfg.vision_start_token_id) == (151655, 151652)
+        proc = load_processor(str(out))
+        assert proc.tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645 and proc.tokenizer.eos_token == "<|im_end|>"
+        size = json.loads((out / "processor_config.json").read_text())["image_processor"]["size"]
+        assert (size["shortest_edge"], size["longest_edge"]) == (3136, 12845056)  # min/max pixels, v5 spelling
+        text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=False)
+        assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")

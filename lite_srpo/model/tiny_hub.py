@@ -1,0 +1,181 @@
+"""A real checkpoint's hub files for the tiny builder: `make_tiny(..., hub="Qwen/Qwen2.5-VL-7B-Instruct")`.
+
+The tiny models keep their tiny widths, but with `hub` they carry what a user's download carries and
+what the code reads from it: the published `generation_config.json` (verbatim: Qwen2.5-VL-Instruct's
+`repetition_penalty: 1.05` and sampling defaults reach `generate` exactly as they would from the hub),
+the image processor's min/max pixels and patch sizes, the chat template, the special tokens at their
+real ids, the real vocabulary size and `tie_word_embeddings`.
+
+The published files are stored under `hub_published/<owner>--<name>/` (facts copied from the public
+checkpoints; `hub_published/SOURCES.md` says where each came from). The tokenizer is still the tiny
+corpus BPE: its vocabulary is padded with unreachable filler tokens up to the first special token's
+real id, so every special token sits where the real tokenizer puts it and the embedding matrix has the
+real number of rows. No merge produces a filler, so text encodes as it does in the tiny tokenizer;
+a random model may sample fillers, which decode to their names.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+
+PUBLISHED_DIR = Path(__file__).with_name("hub_published")
+
+CHECKPOINT_ARCH = {
+    "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl",
+    "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl",
+}
+"""Checkpoints whose files are stored, and the tiny arch that carries them (Qwen2-VL, Qwen3-VL and
+SmolVLM files were not found as copies: hub_published/SOURCES.md)."""
+
+FILLER = "<|tiny_filler_{}|>"
+
+
+@dataclass(frozen=True)
+class HubFiles:
+    """The parsed published files of one checkpoint."""
+
+    name: str
+    arch: str
+    folder: Path
+    config: dict[str, Any]
+    generation_config: dict[str, Any]
+    preprocessor: dict[str, Any]
+    tokenizer_config: dict[str, Any]
+    chat_template: str
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        """The language model's keys: nested in `text_config` (newer files) or at the top (Qwen2/2.5-VL)."""
+        return {**self.config, **self.config.get("text_config", {})}
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.text_config["vocab_size"])
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", self.text_config.get("tie_word_embeddings", False)))
+
+    def added_tokens(self) -> list[tuple[int, str, bool]]:
+        """(id, content, special) of every added token, in id order."""
+        decoder = self.tokenizer_config.get("added_tokens_decoder", {})
+        return sorted((int(i), t["content"], bool(t.get("special", True))) for i, t in decoder.items())
+
+    def token_id(self, key: str) -> Any:
+        """A token id from config.json (top level or text_config), e.g. "image_token_id"."""
+        return self.config.get(key, self.text_config.get(key))
+
+
+def folder_of(name: str) -> Path:
+    return PUBLISHED_DIR / name.replace("/", "--")
+
+
+def load_hub_files(name: str) -> HubFiles:
+    """The stored files of checkpoint `name`; a clear error lists the stored ones."""
+    if name not in CHECKPOINT_ARCH:
+        raise ModelError(f"hub={name!r}: no stored hub files; stored: {sorted(CHECKPOINT_ARCH)}")
+    folder = folder_of(name)
+
+    def read(file: str) -> dict[str, Any]:
+        path = folder / file
+        if not path.is_file():
+            raise ModelError(f"hub={name!r}: {path} is missing")
+        return json.loads(path.read_text())
+
+    tokenizer_config = read("tokenizer_config.json")
+    template = tokenizer_config.get("chat_template")
+    for file in ("chat_template.json",):
+        if (folder / file).is_file():
+            template = json.loads((folder / file).read_text())["chat_template"]
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    if not template:
+        raise ModelError(f"hub={name!r}: no chat template in {folder}")
+    return HubFiles(name=name, arch=CHECKPOINT_ARCH[name], folder=folder, config=read("config.json"),
+                    generation_config=read("generation_config.json"), preprocessor=read("preprocessor_config.json"),
+                    tokenizer_config=tokenizer_config, chat_template=template)
+
+
+def hub_tokenizer(files: HubFiles, vocab_size: int) -> Any:
+    """The tiny corpus BPE (`vocab_size` learned tokens), padded with fillers so that the published added
+    tokens get their published ids; eos/pad/bos as the published tokenizer_config names them."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from .tiny import _train_tokenizer
+
+    added = files.added_tokens()
+    first_id = added[0][0]
+    if [i for i, _, _ in added] != list(range(first_id, first_id + len(added))):
+        raise ModelError(f"hub={files.name!r}: added token ids are not contiguous")
+    backend = _train_tokenizer((), vocab_size)
+    spec = json.loads(backend.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    if len(vocab) > first_id:
+        raise ModelError(f"hub={files.name!r}: the tiny vocabulary ({len(vocab)}) overlaps the special ids")
+    for i in range(len(vocab), first_id):
+        vocab[FILLER.format(i)] = i
+    spec["added_tokens"] = [
+        {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": special} for i, c, special in added
+    ]
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tc = files.tokenizer_config
+
+    def name(key: str) -> str | None:
+        value = tc.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    specials = [c for _, c, special in added if special and c not in (name("eos_token"), name("pad_token"))]
+    kwargs = {k: name(k) for k in ("eos_token", "pad_token", "bos_token", "unk_token") if name(k)}
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=specials, padding_side="left",
+                                  model_max_length=tc.get("model_max_length", 32768), **kwargs)
+    for i, c, _ in added:
+        got = out.convert_tokens_to_ids(c)
+        if got != i:
+            raise ModelError(f"hub={files.name!r}: token {c!r} got id {got}, published {i}")
+    return out
+
+
+def apply_to_config(config: Any, files: HubFiles) -> None:
+    """Real vocabulary size, embedding tying and special-token ids on a tiny model's config."""
+    text = config.get_text_config()
+    text.vocab_size = files.vocab_size
+    config.tie_word_embeddings = files.tie_word_embeddings
+    if hasattr(text, "tie_word_embeddings"):
+        text.tie_word_embeddings = files.tie_word_embeddings
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        value = files.token_id(key)
+        if value is not None and hasattr(config, key):
+            setattr(config, key, value)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = files.text_config.get(key)
+        if value is not None:
+            setattr(text, key, value)
+
+
+def image_processor_kwargs(files: HubFiles) -> dict[str, Any]:
+    """The published Qwen image-processor settings: pixel bounds (either spelling), patch and merge sizes,
+    normalisation. They must agree with the vision tower's patch size, which the caller checks."""
+    p = files.preprocessor
+    size = p.get("size") or {}
+    out = {
+        "min_pixels": p.get("min_pixels", size.get("shortest_edge")),
+        "max_pixels": p.get("max_pixels", size.get("longest_edge")),
+        "patch_size": p["patch_size"],
+        "temporal_patch_size": p["temporal_patch_size"],
+        "merge_size": p["merge_size"],
+        "image_mean": p.get("image_mean"),
+        "image_std": p.get("image_std"),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def write_published(out: Path, files: HubFiles) -> None:
+    """Put the published generation config in place, verbatim (what `from_pretrained` will merge)."""
+    shutil.copyfile(files.folder / "generation_config.json", out / "generation_config.json")

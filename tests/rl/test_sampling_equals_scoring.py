@@ -1,0 +1,65 @@
+"""Sampling equals scoring with a real checkpoint's generation config in place.
+
+The tiny model carries Qwen2.5-VL-7B-Instruct's published `generation_config.json` (repetition_penalty
+1.05, temperature 0.1, top_p 0.001, top_k 1; `make_tiny(hub=...)`), and the real 152,064-token vocabulary.
+transformers' `generate` merges such a file into every call, so unless rollouts build their own settings
+(`rl/generation_settings.py`) tokens are drawn from a penalised distribution while the passes score the
+plain softmax. The check is exact: the uniforms lite-srpo's sampler drew, put through the scoring pass's
+distribution, give back every sampled token. The model is made to favour tokens it has seen (lm_head =
+5 x the input embedding, the embedding scaled up), so a repetition penalty moves many draws. Broken by
+hand (the swap and the explicit neutral settings removed from `rollout.generate`) it fails at the first
+position. A frequency version (seen-token Z score) at 128 rows x 12 tokens did not fail when broken on
+this vocabulary, so it was left out.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lite_srpo.config import LoraConfig, ModelConfig
+from lite_srpo.data.prompts import ResponseFormat
+from lite_srpo.data.tasks import make_task
+from lite_srpo.model.policy import load_policy
+from lite_srpo.rl.passes import response_hidden
+from lite_srpo.rl.rollout import collate, encode_prompt, generate, pad_token_id
+from lite_srpo.rl.sampling import InverseCdfSampler, inverse_cdf_tokens
+
+HUB = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+@pytest.fixture(scope="module")
+def repeating_policy(tmp_path_factory):
+    from lite_srpo.model.tiny import make_tiny
+
+    path = make_tiny("qwen2_5_vl", tmp_path_factory.mktemp("hub7b") / "m", hub=HUB)
+    policy = load_policy(ModelConfig(path=str(path), load_in_4bit=True, dtype="float32"), LoraConfig(r=8, alpha=16))
+    assert policy.hf.generation_config.repetition_penalty == 1.05  # the published file is what loaded
+    embed = policy.hf.get_input_embeddings().weight
+    policy.hf.get_output_embeddings().weight.data.copy_(embed.detach() * 5.0)
+    embed.data.mul_(30.0)
+    return policy
+
+
+def scoring_logits(policy, batch) -> torch.Tensor:
+    """Teacher-forced logits at every response position, vision tokens suppressed as in generate."""
+    rows = [batch.prompts[p] for p in batch.prompt_of]
+    inputs, plen = collate(rows, pad_token_id(policy), batch.response_ids, batch.response_mask, device=policy.device)
+    with torch.no_grad():
+        hidden = response_hidden(policy.hidden_states(inputs), plen, batch.response_ids.shape[1])
+        logits = policy.hf.get_output_embeddings()(hidden).float()
+    logits[..., policy.suppressed_token_ids()] = float("-inf")
+    return logits
+
+
+def test_each_draw_is_the_inverse_cdf_pick_of_the_scoring_distribution(repeating_policy):
+    """Exact, for lite-srpo's sampler: the recorded uniforms and the scoring logits give back every token."""
+    policy = repeating_policy
+    prompts = [encode_prompt(policy, s, "structured", ResponseFormat()) for s in make_task("count_shapes", "train", 2, seed=2)]
+    sampler = InverseCdfSampler(1.0, generator=torch.Generator().manual_seed(5), record=True)
+    batch = generate(policy, prompts, group_size=8, max_new_tokens=12, sampler=sampler)
+    logits = scoring_logits(policy, batch)
+    mask = batch.response_mask.bool()
+    for t, u in enumerate(sampler.uniforms):
+        picks = inverse_cdf_tokens(logits[:, t], u)
+        assert torch.equal(picks[mask[:, t]], batch.response_ids[mask[:, t], t]), t
+    assert policy.hf.generation_config.repetition_penalty == 1.05  # the checkpoint's file is put back
