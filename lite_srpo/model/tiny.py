@@ -421,7 +421,7 @@ def make_tiny(arch: str, out_dir: str | Path, size: str = "test", seed: int = 0,
         files = load_hub_files(hub)
         if files.arch != arch:
             raise ModelError(f"hub={hub!r} is a {files.arch} checkpoint, not {arch}")
-    tok = hub_tokenizer(files, d.vocab) if files else _hf_tokenizer(arch, d.vocab)
+    tok = hub_tokenizer(files, d.vocab, _train_tokenizer) if files else _hf_tokenizer(arch, d.vocab)
     config = _idefics3_config(d, tok) if arch == "idefics3" else _qwen_config(arch, d, tok)
     if files:
         apply_to_config(config, files)

@@ -19,7 +19,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ModelError
 
@@ -101,19 +101,18 @@ def load_hub_files(name: str) -> HubFiles:
                     tokenizer_config=tokenizer_config, chat_template=template)
 
 
-def hub_tokenizer(files: HubFiles, vocab_size: int) -> Any:
-    """The tiny corpus BPE (`vocab_size` learned tokens), padded with fillers so that the published added
+def hub_tokenizer(files: HubFiles, vocab_size: int, train_tokenizer: Callable[..., Any]) -> Any:
+    """The tiny corpus BPE (`train_tokenizer((), vocab_size)`: tiny.py's, passed in so that this module
+    does not import the builder that imports it), padded with fillers so that the published added
     tokens get their published ids; eos/pad/bos as the published tokenizer_config names them."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-
-    from .tiny import _train_tokenizer
 
     added = files.added_tokens()
     first_id = added[0][0]
     if [i for i, _, _ in added] != list(range(first_id, first_id + len(added))):
         raise ModelError(f"hub={files.name!r}: added token ids are not contiguous")
-    backend = _train_tokenizer((), vocab_size)
+    backend = train_tokenizer((), vocab_size)
     spec = json.loads(backend.to_str())
     vocab: dict[str, int] = spec["model"]["vocab"]
     if len(vocab) > first_id:
