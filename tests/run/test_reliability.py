@@ -132,7 +132,7 @@ def test_kill9_and_signals_then_resume_matches_an_uninterrupted_run(tiny_qwen, t
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    steps = 8
+    steps = 16  # enough that the signals land mid-run on a fast machine (8 finished first there once)
 
     def recipe(root: Path) -> Path:
         data = tiny_recipe(tiny_qwen, root, train__steps=steps, train__save_every=1, train__keep_last=2,

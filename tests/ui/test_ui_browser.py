@@ -119,7 +119,7 @@ def test_ui_launch_monitor_tokens_stop_resume(app, tmp_path):
             fill(page, "f-output-dir", str(runs_dir))
             fill(page, "f-model-path", str(tiny))
             for elem, value in [("f-rollout-prompts-per-step", "1"), ("f-rollout-max-new-tokens", "8"),
-                                ("f-train-steps", "300"), ("f-sft-steps", "0"), ("f-train-save-every", "10"),
+                                ("f-train-steps", "3000"), ("f-sft-steps", "0"), ("f-train-save-every", "10"),
                                 ("f-rollout-group-size", "1")]:
                 fill(page, elem, value)
             fill(page, "f-overrides", "data.n_train=16\ndata.n_test=4\ntrain.micro_batch_size=2\n"
