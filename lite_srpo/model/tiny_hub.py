@@ -43,7 +43,6 @@ class HubFiles:
     arch: str
     folder: Path
     config: dict[str, Any]
-    generation_config: dict[str, Any]
     preprocessor: dict[str, Any]
     tokenizer_config: dict[str, Any]
     chat_template: str
@@ -88,17 +87,17 @@ def load_hub_files(name: str) -> HubFiles:
         return json.loads(path.read_text())
 
     tokenizer_config = read("tokenizer_config.json")
+    read("generation_config.json")  # copied verbatim by write_published: here only checked to be there and JSON
     template = tokenizer_config.get("chat_template")
-    for file in ("chat_template.json",):
-        if (folder / file).is_file():
-            template = json.loads((folder / file).read_text())["chat_template"]
+    if (folder / "chat_template.json").is_file():
+        template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
     if not template:
         raise ModelError(f"hub={name!r}: no chat template in {folder}")
     return HubFiles(name=name, arch=CHECKPOINT_ARCH[name], folder=folder, config=read("config.json"),
-                    generation_config=read("generation_config.json"), preprocessor=read("preprocessor_config.json"),
-                    tokenizer_config=tokenizer_config, chat_template=template)
+                    preprocessor=read("preprocessor_config.json"), tokenizer_config=tokenizer_config,
+                    chat_template=template)
 
 
 def hub_tokenizer(files: HubFiles, vocab_size: int, train_tokenizer: Callable[..., Any]) -> Any:

@@ -117,12 +117,12 @@ def fit(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims 
     local = per_rank_config(cfg, ranks).rollout.prompts_per_step
 
     def phase_ok(c: RunConfig, names: tuple[str, ...]) -> bool:
-        _, phases, _ = sum_phases(phase_terms(c, dims, device, prompt, g, r, ranks), device)
+        terms = phase_terms(c, dims, device, prompt, g, r, ranks)
+        _, phases, _ = sum_phases(terms, device)
         card_ok = all(_needed(phases[p], device) <= gpu_mem_gib for p in names)
         if "update" not in names:  # the pinned buffers hold the update's offloaded layer inputs
             return card_ok
-        host = sum(t.gib for t in phase_terms(c, dims, device, prompt, g, r, ranks) if t.phase == "host")
-        return card_ok and host_fits(host, host_mem_gib)
+        return card_ok and host_fits(sum(t.gib for t in terms if t.phase == "host"), host_mem_gib)
 
     gen = next((o for o in generation_options(local, g)
                 if phase_ok(with_settings(cfg, _keys(o)), ("generation",))), None)
