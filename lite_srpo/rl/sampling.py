@@ -39,12 +39,22 @@ class InverseCdfSampler:
         self.suppress = list(suppress or [])
         """Token ids never drawn (vision special tokens). Setting their few columns to -inf here replaces
         HF's SuppressTokensLogitsProcessor, which builds a vocabulary-sized mask and `where` at every step."""
+        self._suppress_cache: tuple | None = None
+
+    def _suppress_ids(self, scores: torch.Tensor) -> torch.Tensor:
+        """The suppressed ids inside the vocabulary, on the scores' device: filtered on the host and
+        copied once per generate call, not per token (a boolean index on the device would sync with the
+        host at every step, and cannot run on `meta` at all: the step trace samples there)."""
+        key = (tuple(self.suppress), scores.device, scores.shape[-1])
+        if self._suppress_cache is None or self._suppress_cache[0] != key:
+            ids = [i for i in self.suppress if 0 <= i < scores.shape[-1]]
+            self._suppress_cache = (key, torch.tensor(ids, dtype=torch.long, device=scores.device))
+        return self._suppress_cache[1]
 
     def sample(self, scores: torch.Tensor) -> torch.Tensor:
         """Token ids [B] drawn from softmax(scores / temperature) by inverse CDF."""
         if self.suppress:
-            ids = torch.tensor(self.suppress, dtype=torch.long, device=scores.device)
-            scores = scores.index_fill(1, ids[ids < scores.shape[-1]], float("-inf"))
+            scores = scores.index_fill(1, self._suppress_ids(scores), float("-inf"))
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
         if self.row_generators is not None:
