@@ -83,8 +83,7 @@ class ActivationOffload:
         if not self.move:
             self.stats.kept_bytes += n
             return t
-        host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device="cpu", pin_memory=self.pin)
-        host.copy_(t, non_blocking=self.pin)
+        host = self.to_host(t)
         self.stats.moved_bytes += n
         return t.device, host
 
@@ -92,9 +91,18 @@ class ActivationOffload:
         if isinstance(packed, torch.Tensor):
             return packed
         device, host = packed
-        # .to() on the same device would alias the host buffer; a fresh tensor keeps the counting honest
-        back = host.to(device, non_blocking=self.pin) if device.type != "cpu" else host.clone()
-        return self.stats._unpacked(back)
+        return self.stats._unpacked(self.to_device(host, device))
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of `t` (pinned on CUDA, so the copy can run asynchronously)."""
+        host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device="cpu", pin_memory=self.pin)
+        host.copy_(t, non_blocking=self.pin)
+        return host
+
+    def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`host` back on `device`, as a fresh tensor: `.to()` onto the same device would alias the host
+        buffer, and a fresh tensor keeps the counting honest."""
+        return host.to(device, non_blocking=self.pin) if device.type != "cpu" else host.clone()
 
     def checkpoint_fn(self) -> Callable:
         """A replacement for a layer's `_gradient_checkpointing_func`: the same non-reentrant checkpoint,

@@ -220,15 +220,17 @@ class PolicyModel:
         out = self.hf.model(**inputs, use_cache=False, return_dict=True)
         return out.last_hidden_state
 
-    def enable_long_responses(self, offload_activations: bool = False, recompute_chunk: int = 0) -> None:
+    def enable_long_responses(self, offload_activations: bool = False, recompute_chunk: int = 0,
+                              offload: ActivationOffload | None = None) -> None:
         """Install the update-time memory savers (`activation_memory.py`); both off changes nothing.
-        Either one also lets a micro-batch with trailing padding only run without its `[L, L]` mask."""
+        Either one also lets a micro-batch with trailing padding only run without its `[L, L]` mask.
+        `offload`: the hooks to use (default: a plain `ActivationOffload` for this device)."""
         self.causal_trailing = offload_activations or recompute_chunk > 0
         if offload_activations:
             if not self.gradient_checkpointing:
                 raise ModelError("train.offload_activations: true needs model.gradient_checkpointing: true "
                                  "(what is offloaded is the checkpointed layers' inputs)")
-            self.offload = ActivationOffload(self.device)
+            self.offload = offload or ActivationOffload(self.device)
             n = install_offload(self.hf, self.offload)
             log.info("offload_activations: %d checkpointed layers keep their inputs in host memory", n)
         if recompute_chunk > 0:
@@ -270,6 +272,16 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str 
     `offload_activations` / `recompute_chunk`: `PolicyModel.enable_long_responses`."""
     device = device or pick_device()
     base, processor, family = load_base(model_cfg, device)
+    return wrap_policy(base, processor, family, model_cfg, lora_cfg, device, adapter_path, trainable,
+                       offload_activations, recompute_chunk)
+
+
+def wrap_policy(base: torch.nn.Module, processor: Any, family: str, model_cfg: ModelConfig, lora_cfg: LoraConfig,
+                device: torch.device, adapter_path: str | None = None, trainable: bool = True,
+                offload_activations: bool = False, recompute_chunk: int = 0,
+                offload: ActivationOffload | None = None) -> PolicyModel:
+    """A loaded frozen base made into the policy (`load_policy`; the step trace passes a base on `meta`
+    and its own `offload`, whose host buffers it counts)."""
     if model_cfg.gradient_checkpointing and trainable:
         set_checkpointing(base, True)
     model = attach_lora(base, family, lora_cfg, adapter_path or lora_cfg.init_from or None, trainable)
@@ -285,5 +297,5 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapter_path: str 
                          dtype=resolve_dtype(model_cfg.dtype, device),
                          gradient_checkpointing=model_cfg.gradient_checkpointing and trainable,
                          attn_implementation=model_cfg.attn_implementation)
-    policy.enable_long_responses(offload_activations, recompute_chunk)
+    policy.enable_long_responses(offload_activations, recompute_chunk, offload)
     return policy
