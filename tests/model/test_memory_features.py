@@ -66,29 +66,61 @@ def test_checkpointed_inputs_with_and_without_offload():
     assert not any(phase == "host" for _, phase in cpu)
 
 
+# QLoRA on a card: peft casts each LoRA'd projection's input to the fp32 adapter dtype and keeps it for the
+# adapter's gradient (6 H-wide inputs: q, k, v, o, gate, up), and computes the adapter's output and its
+# scaled copy in fp32 next to the bf16 MLP buffers: 3 x 2 + 8 = 14 B per token and I with grad (vs 4 x 2),
+# 2 x 2 + 8 = 12 without (vs 3 x 2). The step trace (rl/trace_step.py) shows these tensors at the peaks.
+LORA_INPUTS_H = 6 * 4  # bytes per token and per unit of H
+REC_MLP, NOGRAD_MLP = 14, 12  # bytes per token and per unit of I
+
+
 def test_recomputed_layer_with_recompute_chunk():
     h, kv, i, b, m = D7.hidden, D7.kv_dim, D7.intermediate, 2, 2
+    rest = (7 * h + 2 * kv) * b + 8 * h + LORA_INPUTS_H * h
     full = terms(cfg7())[("one layer recomputed for backward", "update")]
-    assert full == pytest.approx(m * S * ((7 * h + 2 * kv + 4 * i) * b + 8 * h))
+    assert full == pytest.approx(m * S * (rest + REC_MLP * i))
     for chunk in (512, 2048, 100_000):
         got = terms(cfg7(**{"train.recompute_chunk": chunk}))[("one layer recomputed for backward", "update")]
-        assert got == pytest.approx(m * S * ((7 * h + 2 * kv) * b + 8 * h) + min(chunk, m * S) * 4 * i * b)
+        assert got == pytest.approx(m * S * rest + min(chunk, m * S) * REC_MLP * i)
     # without checkpointing every layer's activations are stored, except each MLP's 4I intermediate, which the
     # chunked MLP recomputes one chunk at a time (offload needs checkpointing: the recipe refuses it here)
     no_gc = terms(cfg7(**{"model.gradient_checkpointing": "false", "train.recompute_chunk": 512}))
     assert no_gc[("activations of every layer", "update")] == pytest.approx(
-        m * S * D7.layers * ((7 * h + 2 * kv) * b + 8 * h) + min(512, m * S) * 4 * i * b)
+        m * S * D7.layers * rest + min(512, m * S) * REC_MLP * i)
     plain = terms(cfg7(**{"model.gradient_checkpointing": "false"}))
-    assert plain[("activations of every layer", "update")] == pytest.approx(
-        m * S * D7.layers * ((7 * h + 2 * kv + 4 * i) * b + 8 * h))
+    assert plain[("activations of every layer", "update")] == pytest.approx(m * S * D7.layers * (rest + REC_MLP * i))
+    # on CPU (fp32 compute, fitted terms) nothing is cast and the MLP keeps its four buffers
+    cpu = terms(cfg7(), device="cpu")[("one layer recomputed for backward", "update")]
+    assert cpu == pytest.approx(m * S * ((7 * h + 2 * kv + 4 * i) * 4 + 8 * h))
+    # without LoRA on the MLP or attention the card's formula is the plain one again
+    bare = terms(cfg7(**{"lora.target_modules": "[down_proj]"}))[("one layer recomputed for backward", "update")]
+    assert bare == pytest.approx(m * S * ((7 * h + 2 * kv + 4 * i) * b + 8 * h))
 
 
 def test_no_grad_passes_with_recompute_chunk_hold_one_mlp_chunk():
     h, kv, i, b, m = D7.hidden, D7.kv_dim, D7.intermediate, 2, 2
     name = ("one layer's activations (no grad)", "passes")
-    assert terms(cfg7())[name] == pytest.approx(m * S * ((4 * h + 2 * kv + 3 * i) * b + 3 * h * b))
+    assert terms(cfg7())[name] == pytest.approx(m * S * ((4 * h + 2 * kv) * b + NOGRAD_MLP * i + 3 * h * b))
     got = terms(cfg7(**{"train.recompute_chunk": 1024}))[name]
-    assert got == pytest.approx(m * S * ((4 * h + 2 * kv) * b + 3 * h * b) + 1024 * 3 * i * b)
+    assert got == pytest.approx(m * S * ((4 * h + 2 * kv) * b + 3 * h * b) + 1024 * NOGRAD_MLP * i)
+    # DAPO with one mini-batch and no KL runs no pass at all: the update's forward gives the old log-probs
+    assert name not in terms(cfg7(**{"algorithm.name": "dapo"}))
+    assert name in terms(cfg7(**{"algorithm.name": "dapo", "train.mini_batches": 2}))
+
+
+def test_generation_has_a_prefill_and_a_decode_moment():
+    """On a card the prefill (prompt-long cache, a whole prompt's activations) and the decode (full cache)
+    do not coexist: the generation phase is the larger of the two, not their sum."""
+    t = phase_terms(cfg7(), D7, "cuda", P, 8, R)
+    gen = [x for x in t if x.phase == "generation"]
+    prefill = sum(x.gib for x in gen if x.moment == "prefill")
+    decode = sum(x.gib for x in gen if x.moment == "decode")
+    always = sum(x.gib for x in gen if not x.moment)
+    kv_prompt = 32 * P * D7.layers * 2 * D7.kv_dim * 2 / GIB
+    assert next(x.gib for x in gen if x.name == "KV cache at the prefill") == pytest.approx(kv_prompt)
+    fixed = sum(x.gib for x in t if x.phase == "fixed")
+    assert sum_phases(t, "cuda")[1]["generation"] == pytest.approx(fixed + always + max(prefill, decode))
+    assert sum_phases(t, "cuda")[1]["generation"] < fixed + always + prefill + decode
 
 
 def test_dense_mask_only_for_eager_or_padded_batches():
@@ -108,7 +140,7 @@ def test_every_term_is_in_the_plan_output_with_its_formula(capsys):
                       "train.offload_activations=true", "train.recompute_chunk=1024", "--gpu-mem", "24GiB"]) == 0
     out = capsys.readouterr().out
     for text in ("3 row(s) per generate call, rollout.generation_rows=3", "offloaded: pinned host memory",
-                 "MLP over chunks: 1024 x 4I x 2 B (train.recompute_chunk=1024)",
+                 "MLP over chunks: 1024 x I x 14 B (train.recompute_chunk=1024)",
                  "none: sdpa attention with a causal flag", "pinned host memory for offloaded activations"):
         assert text in out
 
@@ -225,14 +257,14 @@ def test_a_card_counts_the_larger_update_moment_cpu_rss_both():
     assert phase_gib(terms, "generation", live=True) == 7.0
     # in the plan: the 7B recipe's update on a card is the sum minus the smaller moment
     t = phase_terms(cfg7(), D7, "cuda", P, 8, R)
-    lm = sum(x.gib for x in t if x.moment == "lm_head")
-    layers = sum(x.gib for x in t if x.moment == "layers")
+    lm = sum(x.gib for x in t if x.phase == "update" and x.moment == "lm_head")
+    layers = sum(x.gib for x in t if x.phase == "update" and x.moment == "layers")
     assert lm > 0 and layers > 0
     assert sum_phases(t, "cuda")[1]["update"] == pytest.approx(
         sum(x.gib for x in t if x.phase in ("fixed", "update")) - min(lm, layers))
     # without checkpointing every layer's activations live through the lm_head: no moments
     assert not any(x.moment for x in phase_terms(cfg7(**{"model.gradient_checkpointing": "false"}), D7, "cuda",
-                                                 P, 8, R))
+                                                 P, 8, R) if x.phase == "update")
 
 
 def test_plan_weighs_the_pinned_host_buffers_against_the_machines_ram(capsys):

@@ -30,18 +30,21 @@ def mlp_chunk_tokens(tokens: int, recompute_chunk: int = 0) -> int:
     return tokens if recompute_chunk <= 0 else min(tokens, recompute_chunk)
 
 
-def mlp_intermediate_bytes(tokens: int, intermediate: int, b: int, recompute_chunk: int = 0) -> int:
+def mlp_intermediate_bytes(tokens: int, intermediate: int, b: int, recompute_chunk: int = 0,
+                           per_unit: int | None = None) -> int:
     """The MLP's gate, up, activation and product `[tokens, I]` buffers of one recomputed layer; with
-    `recompute_chunk = c > 0` they exist for c tokens at a time."""
-    return 4 * mlp_chunk_tokens(tokens, recompute_chunk) * intermediate * b
+    `recompute_chunk = c > 0` they exist for c tokens at a time. `per_unit`: bytes per token and per
+    unit of I (default 4 x b; `terms.recompute_mlp_bytes` adds peft's fp32 adapter outputs)."""
+    return (4 * b if per_unit is None else per_unit) * mlp_chunk_tokens(tokens, recompute_chunk) * intermediate
 
 
 def recomputed_layer_bytes(tokens: int, hidden: int, kvd: int, intermediate: int, b: int,
-                           recompute_chunk: int = 0) -> int:
+                           recompute_chunk: int = 0, mlp_per_unit: int | None = None, lora_inputs: int = 0) -> int:
     """One decoder layer's activations while backward recomputes it (anchors.md §5: (7H + 2kv + 4I) x b
-    per token, plus fp32 RMSNorm copies), with the 4I term chunked by `recompute_chunk`."""
-    return (tokens * ((7 * hidden + 2 * kvd) * b + 8 * hidden)
-            + mlp_intermediate_bytes(tokens, intermediate, b, recompute_chunk))
+    per token, plus fp32 RMSNorm copies), with the 4I term chunked by `recompute_chunk`; `lora_inputs`
+    H-wide fp32 copies of LoRA'd projections' inputs kept for the adapters' gradients (`terms.lora_input_copies`)."""
+    return (tokens * ((7 * hidden + 2 * kvd) * b + 8 * hidden + 4 * hidden * lora_inputs)
+            + mlp_intermediate_bytes(tokens, intermediate, b, recompute_chunk, mlp_per_unit))
 
 
 def attention_mask_bytes(rows: int, length: int, b: int, padding: str, drop_trailing: bool = False) -> int:

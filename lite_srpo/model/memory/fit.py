@@ -112,12 +112,12 @@ def fit(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims 
             raise LiteSrpoError(f"--response-len {response_tokens}: needs >= 1")
         cfg = with_settings(cfg, {"rollout.max_new_tokens": response_tokens})
     dims = as_dims(model_dims, cfg.model.path) if model_dims is not None else load_model_dims(cfg.model.path)
-    prompt = prompt_length(cfg, dims, prompt_tokens)[0]
+    prompt, image, _ = prompt_length(cfg, dims, prompt_tokens)
     g, r = cfg.rollout.group_size, cfg.rollout.max_new_tokens
     local = per_rank_config(cfg, ranks).rollout.prompts_per_step
 
     def phase_ok(c: RunConfig, names: tuple[str, ...]) -> bool:
-        terms = phase_terms(c, dims, device, prompt, g, r, ranks)
+        terms = phase_terms(c, dims, device, prompt, g, r, ranks, image=image)
         _, phases, _ = sum_phases(terms, device)
         card_ok = all(_needed(phases[p], device) <= gpu_mem_gib for p in names)
         if "update" not in names:  # the pinned buffers hold the update's offloaded layer inputs

@@ -28,15 +28,21 @@ CUDA_ALLOCATOR_SLACK = 1.07  # reserved / allocated (fragmentation of the cachin
 
 
 def phase_gib(terms: list[Term], phase: str, live: bool) -> float:
-    """A phase's terms summed; with `live` (a card's allocated bytes) the update's two moments count
-    only the larger: the streamed lm_head's chunk buffers are freed before backward recomputes the first
-    decoder layer (measured on CPU as allocated bytes, bench/README.md issue 24). CPU RSS keeps freed
-    heap, so there every term counts (the fit of bench/memory_scaling)."""
+    """A phase's terms summed; with `live` (a card's allocated bytes) the phase's moments count only the
+    largest: the update's streamed lm_head chunk is freed before backward recomputes the first decoder
+    layer (measured on CPU as allocated bytes, bench/README.md issue 24), the passes' one layer and
+    lm_head chunk take turns the same way, and generation's prefill (a short cache, a whole prompt's
+    activations) comes before its decode (the full cache) — the step trace shows each
+    (`rl/trace_step.py`). CPU RSS keeps freed heap, so there every term counts (the fit of
+    bench/memory_scaling)."""
     mine = [t for t in terms if t.phase == phase]
     if not live:
         return sum(t.gib for t in mine)
-    moments = {m: sum(t.gib for t in mine if t.moment == m) for m in ("lm_head", "layers")}
-    return sum(t.gib for t in mine if not t.moment) + max(moments.values())
+    moments: dict[str, float] = {}
+    for t in mine:
+        if t.moment:
+            moments[t.moment] = moments.get(t.moment, 0.0) + t.gib
+    return sum(t.gib for t in mine if not t.moment) + max(moments.values(), default=0.0)
 
 
 def sum_phases(terms: list[Term], device: str) -> tuple[float, dict[str, float], str]:
@@ -109,13 +115,13 @@ def plan(cfg: RunConfig, gpu_mem_gib: float = 24.0, model_dims: dict | ModelDims
     dims = as_dims(model_dims, cfg.model.path) if model_dims is not None else load_model_dims(cfg.model.path)
     prompt, img, prompt_how = prompt_length(cfg, dims, prompt_tokens)
     g, r = cfg.rollout.group_size, cfg.rollout.max_new_tokens
-    terms = phase_terms(cfg, dims, device, prompt, g, r, ranks, dense_mask)
+    terms = phase_terms(cfg, dims, device, prompt, g, r, ranks, dense_mask, img)
     peak, phases, worst = sum_phases(terms, device)
     needed = _needed(peak, device)
     local_prompts = cfg.rollout.prompts_per_step // ranks
 
     def fits_with(group: int, resp: int) -> bool:
-        terms_at = phase_terms(cfg, dims, device, prompt, group, resp, ranks, dense_mask)
+        terms_at = phase_terms(cfg, dims, device, prompt, group, resp, ranks, dense_mask, img)
         return _needed(sum_phases(terms_at, device)[0], device) <= gpu_mem_gib
 
     logits = max(t.gib for t in terms if t.name.startswith("streamed lm_head"))

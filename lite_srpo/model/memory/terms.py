@@ -66,6 +66,52 @@ def _optimizer_bytes(cfg: RunConfig, device: str) -> tuple[float, str]:
     return (8.0, name) if name == "adamw" else (2.0, name)
 
 
+PASS_ALGORITHMS = ("srpo", "papo", "vppo", "vgpo")
+"""Algorithms with a no-grad pass of their own (old scores, corrupted image, focus): the planner's copy
+of `rl/algorithms.ALGORITHM_SPECS` (the model layer cannot import it; a test keeps the two equal)."""
+
+
+def runs_no_grad_pass(cfg: RunConfig) -> bool:
+    """Whether a step runs any no-grad scoring pass: the algorithm's own, the reference for a KL term,
+    or the old log-probs that several mini-batches need (`rl/algorithms.old_pass_needed`). Without one
+    the update's own forward gives the old log-probs and the passes phase holds nothing."""
+    return cfg.algorithm.name in PASS_ALGORITHMS or cfg.algorithm.beta > 0 or cfg.train.mini_batches > 1
+
+
+LORA_H_INPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+
+
+def nograd_mlp_bytes(cfg: RunConfig, device: str, b: int) -> tuple[int, str]:
+    """Bytes per token and per intermediate unit (I) alive at a no-grad MLP's peak.
+
+    Without LoRA on the MLP: the activated gate, the up projection and their product, 3 x b. With fp32
+    LoRA adapters on `up_proj` over a half-precision base (QLoRA on a card), peft computes the adapter's
+    output in fp32 and then scales it (two fp32 `[tokens, I]`) while the activated gate and the base up
+    projection are alive: 2 x b + 8 (the step trace shows these four at the prefill's peak). On CPU the
+    fitted terms stay as measured."""
+    lora_mlp = {"up_proj", "gate_proj"} & set(cfg.lora.target_modules)
+    if device == "cuda" and lora_mlp:
+        return max(3 * b, 2 * b + 8), "gate, up, and the fp32 LoRA output and its scaled copy"
+    return 3 * b, "gate, up, their product"
+
+
+def recompute_mlp_bytes(cfg: RunConfig, device: str, b: int) -> tuple[int, str]:
+    """`nograd_mlp_bytes` for a layer recomputed with grad: the gate, its activation, the up projection
+    and the product are kept for backward (4 x b); peft's fp32 adapter output and its scaled copy are
+    alive next to three of them (3 x b + 8)."""
+    if device == "cuda" and {"up_proj", "gate_proj"} & set(cfg.lora.target_modules):
+        return max(4 * b, 3 * b + 8), "gate, activation, up, and the fp32 LoRA output and its scaled copy"
+    return 4 * b, "gate, activation, up, product"
+
+
+def lora_input_copies(cfg: RunConfig, device: str, b: int) -> int:
+    """H-wide LoRA'd projections of one layer whose input peft casts to fp32 and autograd keeps for the
+    adapter's gradient (only when the compute dtype is not fp32 already)."""
+    if device != "cuda" or b >= 4:
+        return 0
+    return len(set(LORA_H_INPUTS) & set(cfg.lora.target_modules))
+
+
 def prompt_length(cfg: RunConfig, dims: ModelDims, prompt_tokens: int | None) -> tuple[int, int | None, str]:
     """(prompt tokens, image tokens or None, how the prompt length was chosen)."""
     if prompt_tokens is not None:
@@ -95,10 +141,11 @@ def has_dense_mask(cfg: RunConfig, micro_batch: int, dense_mask: bool | None = N
 
 
 def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group_size: int,
-                 response: int, ranks: int = 1, dense_mask: bool | None = None) -> list[Term]:
+                 response: int, ranks: int = 1, dense_mask: bool | None = None, image: int | None = None) -> list[Term]:
     """Every term of the plan for a given G and response length (all in GiB), on one rank of `ranks`:
     a rank holds the whole model and adapter but samples and scores only prompts_per_step / ranks prompts.
-    Terms in phase `host` (pinned host memory of offloaded activations) are not on the card."""
+    Terms in phase `host` (pinned host memory of offloaded activations) are not on the card. `image`: the
+    prompt's image tokens (None: all but the ~150 text tokens of a prompt are image tokens)."""
     cfg = per_rank_config(cfg, ranks)
     b = compute_bytes(cfg, device)
     v, h, i, n_layers, kvd = dims.vocab, dims.hidden, dims.intermediate, dims.layers, dims.kv_dim
@@ -150,37 +197,50 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
             f"{n_rows * ranks} rows x {response} tokens x 6 fp32 vectors (CPU)")
         add("gradient all-reduce buffer", "update", lora * 4, f"{lora / 1e6:.1f}M LoRA grads x fp32, one flat copy")
 
-    # generation: all rows of one generate call decode together
+    # generation: all rows of one generate call decode together. On a card the prefill and the decode
+    # are two moments (phase_gib): the prefill holds a prompt-long cache and a whole prompt's activations,
+    # the decode the full cache and one token's.
     cap = f", rollout.generation_rows={cfg.rollout.generation_rows}" if cfg.rollout.generation_rows > 0 else ""
     add("KV cache", "generation", gen_rows * s * n_layers * 2 * kvd * b * (1 + 1 / n_layers),
         f"{gen_rows} row(s) per generate call{cap} x {s} tokens x {n_layers} layers x 2 x {kvd} x {b} B "
-        "(+1 layer while it grows)")
+        "(+1 layer while it grows)", "decode")
     rc = cfg.train.recompute_chunk
     prefill_mlp = mlp_chunk_tokens(gen_rows * prompt, rc)
+    mlp_b, mlp_how = nograd_mlp_bytes(cfg, device, b)
+    if device == "cuda":
+        add("KV cache at the prefill", "generation", gen_rows * prompt * n_layers * 2 * kvd * b,
+            f"{gen_rows} rows x {prompt} prompt tokens x {n_layers} layers x 2 x {kvd} x {b} B", "prefill")
+        img = image or max(prompt - TEXT_PROMPT_TOKENS, 0)
+        add("image features of the generate call", "generation", gen_rows * img * h * b,
+            f"{gen_rows} rows x {img} image tokens x H={h} x {b} B (generate runs the tower on every row)", "prefill")
     add("prefill activations (one layer, no grad)", "generation",
-        gen_rows * prompt * ((4 * h + 2 * kvd) * b + prompt * (1 + b)) + prefill_mlp * 3 * i * b,
+        gen_rows * prompt * ((4 * h + 2 * kvd) * b + prompt * (1 + b)) + prefill_mlp * mlp_b * i,
         f"{gen_rows} rows x {prompt} prompt tokens, incl. the [P, P] attention mask; "
-        f"MLP over {prefill_mlp} tokens at a time")
+        f"MLP over {prefill_mlp} tokens at a time x I x {mlp_b} B ({mlp_how})", "prefill")
     add("per-step logits", "generation", gen_rows * v * 4 * GEN_LOGITS_COPIES,
         f"{gen_rows} rows x V={v} x fp32 x {GEN_LOGITS_COPIES} copies")
 
-    # scoring passes (no grad), one micro-batch at a time
+    # scoring passes (no grad), one micro-batch at a time: a layer's activations, then the lm_head's chunks
+    # (none at all when the step runs no pass: DAPO, Dr. GRPO, GRPO without KL, one mini-batch)
     mlp_rows = mlp_chunk_tokens(m * s, rc)  # the chunked MLP also runs without grad (activation_memory.py)
-    add("one layer's activations (no grad)", "passes",
-        m * s * ((4 * h + 2 * kvd) * b + 3 * h * b) + mlp_rows * 3 * i * b,
-        f"micro-batch {m} x {s} tokens x (4H + 2kv + 3H) x {b} B + {mlp_rows} tokens x 3I x {b} B"
-        + (f" (MLP in chunks: train.recompute_chunk={rc})" if rc > 0 else ""))
     masked = has_dense_mask(cfg, m, dense_mask)
     mask_bytes, mask_how = _mask(masked, cfg, m, s, b)
-    add("[L, L] attention mask", "passes", mask_bytes, mask_how)
-    add("streamed lm_head chunk", "passes", chunk * v * 4 * LOGITS_COPIES_NOGRAD,
-        f"chunk {chunk} x V={v} x fp32 x {LOGITS_COPIES_NOGRAD:g} (independent of G and length)")
+    if runs_no_grad_pass(cfg):
+        add("one layer's activations (no grad)", "passes",
+            m * s * ((4 * h + 2 * kvd) * b + 3 * h * b) + mlp_rows * mlp_b * i,
+            f"micro-batch {m} x {s} tokens x (4H + 2kv + 3H) x {b} B + {mlp_rows} tokens x I x {mlp_b} B ({mlp_how})"
+            + (f" (MLP in chunks: train.recompute_chunk={rc})" if rc > 0 else ""), "layers")
+        add("[L, L] attention mask", "passes", mask_bytes, mask_how, "layers")
+        add("streamed lm_head chunk", "passes", chunk * v * 4 * LOGITS_COPIES_NOGRAD,
+            f"chunk {chunk} x V={v} x fp32 x {LOGITS_COPIES_NOGRAD:g} (independent of G and length)", "lm_head")
     if cfg.algorithm.name == "vgpo" and device == "cpu":
         add("VGPO response hidden states", "passes", m * response * h * 4, f"micro-batch {m} x {response} x H fp32")
 
     # policy update (grad), one micro-batch at a time (the activation formulas: activation_terms.py)
-    per_layer = (7 * h + 2 * kvd + 4 * i) * b + 8 * h  # anchors.md §5, plus the fp32 RMSNorm copies
-    chunk_how = (f" + MLP over chunks: {mlp_chunk_tokens(m * s, rc)} x 4I x {b} B (train.recompute_chunk={rc})"
+    rmlp_b, rmlp_how = recompute_mlp_bytes(cfg, device, b)
+    copies = lora_input_copies(cfg, device, b)
+    copies_how = f" + {copies} x 4H (fp32 LoRA inputs kept for the adapters' gradients)" if copies else ""
+    chunk_how = (f" + MLP over chunks: {mlp_chunk_tokens(m * s, rc)} x I x {rmlp_b} B (train.recompute_chunk={rc})"
                  if rc > 0 else "")
     if cfg.model.gradient_checkpointing:
         offload_on_card = cfg.train.offload_activations and device == "cuda"
@@ -196,11 +256,13 @@ def phase_terms(cfg: RunConfig, dims: ModelDims, device: str, prompt: int, group
             add("checkpointed layer inputs", "update", on_card,
                 f"{m} x {s} tokens x {n_layers} layers x H={h} x {b} B"
                 + (" (offload changes nothing on CPU: host memory is the device)" if cfg.train.offload_activations else ""))
-        add("one layer recomputed for backward", "update", recomputed_layer_bytes(m * s, h, kvd, i, b, rc),
-            f"{m} x {s} x ((7H + 2kv) x {b} + 8H) B" + (chunk_how or f" + {m} x {s} x 4I x {b} B"), "layers")
+        add("one layer recomputed for backward", "update",
+            recomputed_layer_bytes(m * s, h, kvd, i, b, rc, rmlp_b, copies),
+            f"{m} x {s} x ((7H + 2kv) x {b} + 8H{copies_how}) B"
+            + (chunk_how or f" + {m} x {s} x I x {rmlp_b} B ({rmlp_how})"), "layers")
     else:
-        mlp = mlp_intermediate_bytes(m * s, i, b, rc)  # with chunks: one chunk's, whichever layer recomputes it
-        rest = recomputed_layer_bytes(m * s, h, kvd, i, b, rc) - mlp  # a layer's activations without the 4I
+        mlp = mlp_intermediate_bytes(m * s, i, b, rc, rmlp_b)  # with chunks: one chunk's, whichever layer recomputes it
+        rest = recomputed_layer_bytes(m * s, h, kvd, i, b, rc, rmlp_b, copies) - mlp  # a layer without its MLP
         every = n_layers * (rest + mlp) if rc <= 0 else n_layers * rest + mlp
         add("activations of every layer", "update", every,
             f"{m} x {s} x {n_layers} layers x ((7H + 2kv) x {b} + 8H) B"
