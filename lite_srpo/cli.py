@@ -142,8 +142,9 @@ command("export", "export a run/checkpoint: --mode adapter|merged --out DIR (see
     lambda: _delegate("lite_srpo.model.export.cli", "export_main"))
 command("eval", "evaluate a model/run/checkpoint under a named protocol (see lite-srpo eval -h)")(
     lambda: _delegate("lite_srpo.eval.eval_cli", "eval_main"))
-command("plan", "predict a recipe's peak memory on a GPU before launch (see lite-srpo plan -h)")(
-    lambda: _delegate("lite_srpo.model.memory.report", "plan_main"))
+command("plan", "predict a recipe's peak memory on a GPU before launch; --trace runs the step at real shapes on "
+        "meta tensors (see lite-srpo plan -h)")(
+    lambda: _delegate("lite_srpo.rl.trace_report", "plan_or_trace_main"))
 
 
 def _ui_serve():

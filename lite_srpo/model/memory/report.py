@@ -98,7 +98,12 @@ def plan_main(argv: list[str] | None = None) -> int:
                          "lm_head chunk, checkpointing, offload, recompute chunk) and print the overrides to paste")
     ap.add_argument("--response-len", type=int, default=None, metavar="N",
                     help="with --fit: fit rollout.max_new_tokens=N instead of the recipe's length")
+    ap.add_argument("--trace", action="store_true",
+                    help="run one step at the model's real shapes on meta tensors (from its config.json alone, "
+                         "--config FILE) and compare it with the plan phase by phase (lite-srpo plan RECIPE --trace -h)")
     a = ap.parse_args(argv)
+    if a.trace:
+        raise SystemExit("--trace is handled by `lite-srpo plan` (lite_srpo.rl.trace_report)")
     try:
         cfg = load_config(a.recipe, a.overrides)
         device = a.device
