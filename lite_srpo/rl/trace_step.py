@@ -63,15 +63,16 @@ TRACED_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 def _sdpa_as_on_cuda(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None, dropout_p: float = 0.0,
                      is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """`scaled_dot_product_attention` through the kernel a GPU picks for bf16: flash attention without a
-    mask, memory-efficient attention with one; neither keeps the `[L, L]` scores. On `meta`, sdpa takes
+    mask (grouped heads read in place, as torch's sdpa documents for `enable_gqa`), memory-efficient
+    attention with one; neither keeps the `[L, L]` scores. On `meta`, sdpa takes
     the math path, which materialises them in fp32 (3.5 GiB at 32 x 1,024 prompt tokens); these two
     ops have meta functions of their own, with the outputs (and log-sum-exp) the CUDA kernels save."""
-    if enable_gqa and key.shape[1] != query.shape[1]:
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    if attn_mask is None:
+    if attn_mask is None:  # flash attention reads grouped key/value heads as they are (GQA)
         return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
                                                                   False, scale=scale)[0]
+    if enable_gqa and key.shape[1] != query.shape[1]:  # the memory-efficient kernel needs them repeated
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     if attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
     return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask.expand(
