@@ -5,7 +5,9 @@
 #   2. one real Qwen2.5-VL-7B-shaped SRPO step (random bf16 weights, 4-bit base, 1,024-token prompts,
 #      2,048-token responses, G=8) under a 24 GiB cap, with torch.cuda.max_memory_allocated per phase set
 #      against `lite-srpo plan` (bench/gpu_7b.py --phase build ours --steps 1);
-#   3. rollout tokens/s of that step (perf/gen_tokens_per_s).
+#   3. rollout tokens/s of that step (perf/gen_tokens_per_s);
+#   4. the same recipe traced at real shapes on meta tensors (`lite-srpo plan --trace`, no GPU needed),
+#      printed beside the measured phase peaks: measured vs traced vs planned.
 #
 # On the device tool (name .whl in carry; bench/gpu_wheels.md says how to fill it):
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
@@ -39,6 +41,12 @@ else
   timeout 400 $PY -m bench.gpu_7b --phase build ours --shape 7b --steps 1 --results-dir "$OUT" 2>&1 | tail -20
 fi
 
+echo "== 4. the recipe traced at real shapes (meta tensors)"
+TRACE_RECIPE=recipes/qwen2_5_vl_7b_srpo_24gb.yaml
+[ -n "${CHECK_DRY:-}" ] && TRACE_RECIPE=recipes/qwen2_5_vl_3b_srpo_24gb.yaml
+timeout 120 $PY -m lite_srpo plan "$TRACE_RECIPE" --trace --json > "$OUT/trace.json" 2> "$OUT/trace.err" \
+  || echo "gpu_check: the trace did not finish ($(tail -1 "$OUT/trace.err"))"
+
 $PY - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
@@ -51,5 +59,10 @@ for f in sorted(Path(sys.argv[1]).glob("gpu_*.json")):
           "planned phases:", planned.get("phases"))
     print("  measured phase peaks:", ours.get("phase_peaks"))
     print("  rollout tokens/s:", ours.get("perf/gen_tokens_per_s"), "step s:", ours.get("time/step"))
+trace = Path(sys.argv[1]) / "trace.json"
+if trace.is_file() and trace.stat().st_size:
+    t = json.loads(trace.read_text())
+    print("traced phases GiB (meta tensors, no kernels' workspaces):",
+          {k: v["traced_gib"] for k, v in t["phases"].items()}, "planned:", {k: v["planned_gib"] for k, v in t["phases"].items()})
 PY
 echo "gpu_check: $(( $(date +%s) - start )) s"
