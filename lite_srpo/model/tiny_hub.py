@@ -8,9 +8,9 @@ real ids, the real vocabulary size and `tie_word_embeddings`.
 
 The published files are stored under `hub_published/<owner>--<name>/` (facts copied from the public
 checkpoints; `hub_published/SOURCES.md` says where each came from). The tokenizer is still the tiny
-corpus BPE: its vocabulary is padded with unreachable filler tokens up to the first special token's
-real id, so every special token sits where the real tokenizer puts it and the embedding matrix has the
-real number of rows. No merge produces a filler, so text encodes as it does in the tiny tokenizer;
+corpus BPE: its tokens take the ids the published added tokens leave free, and unreachable filler
+tokens pad the rest up to the last special token, so every special token sits where the real tokenizer
+puts it and the embedding matrix has the real number of rows. No merge produces a filler, so text encodes as it does in the tiny tokenizer;
 a random model may sample fillers, which decode to their names.
 """
 from __future__ import annotations
@@ -28,9 +28,12 @@ PUBLISHED_DIR = Path(__file__).with_name("hub_published")
 CHECKPOINT_ARCH = {
     "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl",
     "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl",
+    "Qwen/Qwen2-VL-2B-Instruct": "qwen2_vl",
+    "Qwen/Qwen3-VL-4B-Instruct": "qwen3_vl",
+    "HuggingFaceTB/SmolVLM-256M-Instruct": "idefics3",
 }
-"""Checkpoints whose files are stored, and the tiny arch that carries them (Qwen2-VL, Qwen3-VL and
-SmolVLM files were not found as copies: hub_published/SOURCES.md)."""
+"""Checkpoints whose files are stored, and the tiny arch that carries them (hub_published/SOURCES.md
+says where each copy came from; no Qwen3-VL-2B copy was found, so Qwen3-VL is the 4B)."""
 
 FILLER = "<|tiny_filler_{}|>"
 
@@ -108,16 +111,29 @@ def hub_tokenizer(files: HubFiles, vocab_size: int, train_tokenizer: Callable[..
     from transformers import PreTrainedTokenizerFast
 
     added = files.added_tokens()
-    first_id = added[0][0]
-    if [i for i, _, _ in added] != list(range(first_id, first_id + len(added))):
-        raise ModelError(f"hub={files.name!r}: added token ids are not contiguous")
+    reserved = {i for i, _, _ in added}
+    top = max(reserved)
     backend = train_tokenizer((), vocab_size)
     spec = json.loads(backend.to_str())
-    vocab: dict[str, int] = spec["model"]["vocab"]
-    if len(vocab) > first_id:
-        raise ModelError(f"hub={files.name!r}: the tiny vocabulary ({len(vocab)}) overlaps the special ids")
-    for i in range(len(vocab), first_id):
+    # the tiny BPE's tokens take the lowest ids the published added tokens leave free (SmolVLM's sit at
+    # 0-16 and from 49,152; Qwen's from 151,643), in their own order; fillers take the rest below the last
+    free = (i for i in range(top) if i not in reserved)
+    vocab: dict[str, int] = {}
+    published = {c for _, c, _ in added}
+    for token, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1]):
+        if token in published:  # the tiny BPE's own copy of a published special token: the published id wins
+            continue
+        i = next(free, None)
+        if i is None:
+            raise ModelError(f"hub={files.name!r}: the tiny vocabulary ({len(spec['model']['vocab'])}) does not fit "
+                             f"below the last special id {top}")
+        vocab[token] = i
+    for i in free:
         vocab[FILLER.format(i)] = i
+    # the published tokens sit in the model's vocabulary at their ids: tokenizers gives an added token
+    # that is not in the vocabulary the next id after it, which only matches when they come last (Qwen)
+    vocab.update({c: i for i, c, _ in added})
+    spec["model"]["vocab"] = vocab
     spec["added_tokens"] = [
         {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
          "special": special} for i, c, special in added

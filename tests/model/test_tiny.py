@@ -316,9 +316,20 @@ def test_cli_main(tmp_path, capsys):
         main(["--arch", "llava", str(tmp_path / "x")])
 
 
-def test_hub_option_carries_the_published_files(tmp_path):
+PUBLISHED = [  # checkpoint, tiny arch, vocabulary, tied embeddings, image token id, eos token (the checkpoints' own facts)
+    ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", 152064, False, 151655, "<|im_end|>"),
+    ("Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", 151936, True, 151655, "<|im_end|>"),
+    ("Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl", 151936, True, 151655, "<|im_end|>"),
+    ("Qwen/Qwen3-VL-4B-Instruct", "qwen3_vl", 151936, True, 151655, "<|im_end|>"),
+    ("HuggingFaceTB/SmolVLM-256M-Instruct", "idefics3", 49280, False, 49190, "<end_of_utterance>"),
+]
+
+
+@pytest.mark.parametrize("name,arch,vocab,tie,image_id,eos", PUBLISHED, ids=[p[0].split("/")[1] for p in PUBLISHED])
+def test_hub_option_carries_the_published_files(tmp_path, name, arch, vocab, tie, image_id, eos):
     """make_tiny(hub=...): the published generation config verbatim, the real vocabulary, tying and
-    special-token ids, the published pixel bounds and the chat template's default system prompt."""
+    special-token ids (every published added token at its published id, including SmolVLM's at 0-16),
+    the published pixel bounds and the chat template."""
     import json
 
     from transformers import AutoConfig
@@ -326,18 +337,27 @@ def test_hub_option_carries_the_published_files(tmp_path):
     from lite_srpo.model.processors import load_processor
 
     from lite_srpo.model.tiny import make_tiny
-    from lite_srpo.model.tiny_hub import folder_of
+    from lite_srpo.model.tiny_hub import folder_of, load_hub_files
 
-    for name, vocab, tie in (("Qwen/Qwen2.5-VL-7B-Instruct", 152064, False), ("Qwen/Qwen2.5-VL-3B-Instruct", 151936, True)):
-        out = make_tiny("qwen2_5_vl", tmp_path / name.split("/")[1], hub=name)
-        assert json.loads((out / "generation_config.json").read_text()) == json.loads(
-            (folder_of(name) / "generation_config.json").read_text())
-        cfg = AutoConfig.from_pretrained(out)
-        assert cfg.get_text_config().vocab_size == vocab and cfg.tie_word_embeddings == tie
-        assert (cfg.image_token_id, cfg.vision_start_token_id) == (151655, 151652)
-        proc = load_processor(str(out))
-        assert proc.tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645 and proc.tokenizer.eos_token == "<|im_end|>"
-        size = json.loads((out / "processor_config.json").read_text())["image_processor"]["size"]
-        assert (size["shortest_edge"], size["longest_edge"]) == (3136, 12845056)  # min/max pixels, v5 spelling
-        text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=False)
+    out = make_tiny(arch, tmp_path / name.split("/")[1], hub=name)
+    assert json.loads((out / "generation_config.json").read_text()) == json.loads(
+        (folder_of(name) / "generation_config.json").read_text())
+    cfg = AutoConfig.from_pretrained(out)
+    assert cfg.get_text_config().vocab_size == vocab and cfg.tie_word_embeddings == tie
+    assert cfg.image_token_id == image_id
+    proc = load_processor(str(out))
+    assert proc.tokenizer.eos_token == eos
+    for i, content, _ in load_hub_files(name).added_tokens():
+        assert proc.tokenizer.convert_tokens_to_ids(content) == i, content
+    if arch == "idefics3":
+        return  # the tiny Idefics3 keeps its own image side (its tower is tiny); SmolVLM's template is checked above
+    assert cfg.vision_start_token_id == 151652
+    size = json.loads((out / "processor_config.json").read_text())["image_processor"]["size"]
+    published = json.loads((folder_of(name) / "preprocessor_config.json").read_text())
+    assert (size["shortest_edge"], size["longest_edge"]) == (
+        published.get("min_pixels", published.get("size", {}).get("shortest_edge")),
+        published.get("max_pixels", published.get("size", {}).get("longest_edge")))
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=False)
+    assert text.startswith("<|im_start|>")
+    if arch == "qwen2_5_vl":
         assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
