@@ -6,7 +6,9 @@ Three update-time memory savers, all off by default (`train.offload_activations`
   (`[tokens, H]`) until backward, so the update holds `layers × tokens × H` bytes of them. With offload
   on, the checkpoint function of every checkpointed layer runs inside `saved_tensors_hooks` that copy
   that input to (pinned, on CUDA) host memory in the forward and back to the device when backward
-  recomputes the layer: about one layer's worth stays on the device. Only the layer input goes through
+  recomputes the layer: about one layer's worth stays on the device. The host buffers are pooled and
+  reused across micro-batches and steps (`host_buffers.py`); on a card both copies run on a side stream,
+  so the forward's copies overlap the next layers' compute. Only the layer input goes through
   the hooks: non-reentrant checkpointing saves its inputs before it installs its own hooks, and the
   layer's other arguments (rotary tables, mask) are shared by every layer, so they stay where they are.
 - Chunked MLP recompute. The MLP's `[tokens, I]` intermediates (gate, up, their product; I ≈ 4-5 H) are
@@ -36,6 +38,8 @@ from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .host_buffers import HostBufferPool
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,10 @@ class ActivationOffload:
         self.move = move
         self.pin = device.type == "cuda" and torch.cuda.is_available()
         self.stats = OffloadStats()
+        self.pool = HostBufferPool(self.pin)
+        self.stream = torch.cuda.Stream(device) if self.pin else None
+        """On a card both copies run on this side stream: the forward's copy out overlaps the next layers'
+        compute, and buffer reuse is ordered by the stream (host_buffers.py)."""
 
     def pack(self, t: torch.Tensor):
         n = t.numel() * t.element_size()
@@ -94,15 +102,34 @@ class ActivationOffload:
         return self.stats._unpacked(self.to_device(host, device))
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of `t` (pinned on CUDA, so the copy can run asynchronously)."""
-        host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device="cpu", pin_memory=self.pin)
-        host.copy_(t, non_blocking=self.pin)
+        """A host copy of `t` in a pooled buffer (pinned on CUDA, where the copy runs on the side stream
+        after the compute that made `t`, and `t`'s memory is kept from reuse until the copy has read it)."""
+        host = self.pool.take(t)
+        if self.stream is None:
+            host.copy_(t)
+            return host
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self.stream)
         return host
 
     def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """`host` back on `device`, as a fresh tensor: `.to()` onto the same device would alias the host
-        buffer, and a fresh tensor keeps the counting honest."""
-        return host.to(device, non_blocking=self.pin) if device.type != "cpu" else host.clone()
+        """`host` back on `device`, as a fresh tensor (`.to()` onto the same device would alias the host
+        buffer, and a fresh tensor keeps the counting honest); the host buffer goes back to the pool."""
+        if device.type == "cpu":
+            back = host.clone()
+        elif self.stream is None:
+            back = host.to(device)
+        else:
+            back = torch.empty(host.shape, dtype=host.dtype, device=device)
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self.stream):
+                back.copy_(host, non_blocking=True)
+            torch.cuda.current_stream(device).wait_stream(self.stream)
+            back.record_stream(self.stream)
+        self.pool.give(host)
+        return back
 
     def checkpoint_fn(self) -> Callable:
         """A replacement for a layer's `_gradient_checkpointing_func`: the same non-reentrant checkpoint,

@@ -237,3 +237,31 @@ def test_recompute_chunk_also_chunks_the_no_grad_passes(tiny_qwen, batch):
     tokens = text_dims(plain, batch)[0]
     assert seen and max(seen) == 8 and sum(seen) == tokens  # every token once, 8 at a time
     assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+
+
+def test_offload_reuses_its_host_buffers_from_one_update_to_the_next(tiny_qwen, batch):
+    """The first update makes one host buffer per checkpointed layer; the next one makes none."""
+    offloaded = make_policy(tiny_qwen, offload_activations=True)
+    _, layers = update_grads(offloaded, batch)[1], text_dims(offloaded, batch)[2]
+    pool = offloaded.offload.pool
+    assert pool.created == layers and pool.reused == 0
+    offloaded.model.zero_grad(set_to_none=True)
+    _, g = update_grads(offloaded, batch)
+    assert pool.created == layers and pool.reused == layers and pool.released == 0
+    assert len(pool._free) == layers  # every buffer came back after backward
+
+
+def test_host_buffer_pool_serves_any_shape_that_fits_and_stays_bounded():
+    from lite_srpo.model.host_buffers import HostBufferPool
+
+    pool = HostBufferPool(pin=False)
+    a = pool.take(torch.empty(4, 100))  # 1,600 B: a buffer of 2,001 B
+    a.copy_(torch.arange(400.0).view(4, 100))
+    pool.give(a)
+    b = pool.take(torch.empty(2, 110, dtype=torch.float16))  # 440 B fits the same buffer
+    assert pool.created == 1 and pool.reused == 1 and b.shape == (2, 110) and b.dtype == torch.float16
+    pool.give(b)
+    c = pool.take(torch.empty(10, 100))  # 4,000 B: too big, the free buffer is released first
+    assert pool.created == 2 and pool.released == 1 and pool.free_bytes == 0
+    pool.give(c)
+    assert pool.free_bytes == int(4000 * 1.25) + 1
