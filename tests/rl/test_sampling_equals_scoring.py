@@ -8,8 +8,13 @@ plain softmax. The check is exact: the uniforms lite-srpo's sampler drew, put th
 distribution, give back every sampled token. The model is made to favour tokens it has seen (lm_head =
 5 x the input embedding, the embedding scaled up), so a repetition penalty moves many draws. Broken by
 hand (the swap and the explicit neutral settings removed from `rollout.generate`) it fails at the first
-position. A frequency version (seen-token Z score) at 128 rows x 12 tokens did not fail when broken on
-this vocabulary, so it was left out.
+position.
+
+The frequency check tests what the penalty moves: the probability mass of tokens already seen (prompt and
+response so far). With lm_head = 10 x the embedding, the scoring distribution puts about half its mass
+on seen tokens, and Qwen's 1.05 penalty would move it by about 0.11 per position (measured on this
+model with transformers' own RepetitionPenaltyLogitsProcessor: an expected Z of -8.6 at 1,024 positions).
+So the sampled share of seen tokens must match the share exp(logp) predicts, within 4 standard errors.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from lite_srpo.model.policy import load_policy
 from lite_srpo.rl.passes import response_hidden
 from lite_srpo.rl.rollout import collate, encode_prompt, generate, pad_token_id
 from lite_srpo.rl.sampling import InverseCdfSampler, inverse_cdf_tokens
+from lite_srpo.rl.step_parts import subset
 
 HUB = "Qwen/Qwen2.5-VL-7B-Instruct"
 
@@ -63,3 +69,40 @@ def test_each_draw_is_the_inverse_cdf_pick_of_the_scoring_distribution(repeating
         picks = inverse_cdf_tokens(logits[:, t], u)
         assert torch.equal(picks[mask[:, t]], batch.response_ids[mask[:, t], t]), t
     assert policy.hf.generation_config.repetition_penalty == 1.05  # the checkpoint's file is put back
+
+
+@pytest.fixture(scope="module")
+def copying_policy(tmp_path_factory):
+    """Qwen2.5-VL-7B-Instruct's files on a tiny model that gives about half its mass to seen tokens."""
+    from lite_srpo.model.tiny import make_tiny
+
+    path = make_tiny("qwen2_5_vl", tmp_path_factory.mktemp("hub7b_copy") / "m", hub=HUB)
+    policy = load_policy(ModelConfig(path=str(path), load_in_4bit=True, dtype="float32"), LoraConfig(r=8, alpha=16))
+    embed = policy.hf.get_input_embeddings().weight
+    policy.hf.get_output_embeddings().weight.data.copy_(embed.detach() * 10.0)
+    embed.data.mul_(30.0)
+    return policy
+
+
+def test_sampled_share_of_seen_tokens_matches_the_scoring_distribution(copying_policy):
+    """Frequencies, two-sided: observed draws of already-seen tokens against the mass exp(logp) gives them."""
+    policy = copying_policy
+    prompts = [encode_prompt(policy, s, "structured", ResponseFormat()) for s in make_task("count_shapes", "train", 2, seed=2)]
+    torch.manual_seed(0)
+    batch = generate(policy, prompts, group_size=64, max_new_tokens=8)
+    observed = expected = variance = 0.0
+    for start in range(0, batch.size, 16):
+        rows = list(range(start, min(start + 16, batch.size)))
+        sub = subset(batch, rows)
+        probs = torch.softmax(scoring_logits(policy, sub), dim=-1)  # [rows, R, V]
+        for k, i in enumerate(rows):
+            prompt = batch.prompts[batch.prompt_of[i]].input_ids
+            for t in range(int(batch.response_mask[i].sum())):
+                seen = torch.unique(torch.cat([prompt, batch.response_ids[i, :t]]))
+                p = float(probs[k, t, seen].sum())
+                observed += float(bool((seen == batch.response_ids[i, t]).any()))
+                expected += p
+                variance += p * (1 - p)
+    z = (observed - expected) / variance ** 0.5
+    assert expected > 100, "the check needs the scoring distribution to put real mass on seen tokens"
+    assert abs(z) < 4.0, f"seen-token draws {observed:.0f} vs {expected:.1f} expected (Z = {z:.1f})"
