@@ -69,3 +69,42 @@ def test_memory_cap_turns_into_out_of_memory(bench_model):
                                                           "chunk": 256, "micro_batch": 2, "cap_gib": 0.05})
     assert "error" in res and "out of memory" in res["error"].lower()
 
+
+
+def test_offload_on_cuda_keeps_gradients_and_reuses_its_pinned_buffers(tmp_path):
+    """The side-stream copies and pooled pinned buffers (host_buffers.py), where only a card runs them:
+    the offloaded update's LoRA gradients equal the plain update's, and a second update makes no new buffer."""
+    _need_cuda()
+    import torch
+
+    from lite_srpo.config import LoraConfig, ModelConfig
+    from lite_srpo.data.prompts import ResponseFormat
+    from lite_srpo.data.tasks import make_task
+    from lite_srpo.model.policy import load_policy
+    from lite_srpo.model.tiny import make_tiny
+    from lite_srpo.rl.passes import rows_logprobs
+    from lite_srpo.rl.rollout import encode_prompt, generate
+
+    path = make_tiny("qwen2_5_vl", tmp_path / "m", size="test", seed=0)
+
+    def policy(offload: bool):
+        torch.manual_seed(0)
+        p = load_policy(ModelConfig(path=str(path), load_in_4bit=True, dtype="bfloat16"), LoraConfig(r=8, alpha=16),
+                        offload_activations=offload)
+        for n, w in p.model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(w, std=0.02, generator=torch.Generator(device=w.device).manual_seed(1))
+        return p
+
+    plain, moved = policy(False), policy(True)
+    assert moved.offload.pin and moved.offload.stream is not None
+    prompts = [encode_prompt(plain, s, "structured", ResponseFormat()) for s in make_task("count_shapes", "train", 1)]
+    batch = generate(plain, prompts, group_size=2, max_new_tokens=16)
+    grads = []
+    for p in (plain, moved, moved):
+        p.model.zero_grad(set_to_none=True)
+        rows_logprobs(p, batch, [0, 1], chunk=8, temperature=1.0).sum().backward()
+        grads.append({n: w.grad.float().cpu() for n, w in p.model.named_parameters() if w.grad is not None})
+    assert all(torch.equal(grads[0][k], grads[1][k]) and torch.equal(grads[1][k], grads[2][k]) for k in grads[0])
+    layers = plain.config.text_config.num_hidden_layers
+    assert moved.offload.pool.created == layers and moved.offload.pool.reused == layers
