@@ -31,6 +31,8 @@ PLOTS: dict[str, list[tuple[str, str]]] = {
                                             ("eval format rate", "eval:format_rate")],
     "Loss": [("loss", "loss/total")],
     "KL to reference (k3)": [("kl", "kl/k3")],
+    "Groups with no reward spread (no gradient)": [("zero-spread groups", "groups/zero_spread_frac"),
+                                                   ("kept by dynamic sampling", "dynamic_sampling/kept_groups_frac")],
     "Mean token weight per role": [("perception", "*/weight_perception"), ("reasoning", "*/weight_reasoning"),
                                    ("other", "*/weight_other")],
     "Peak memory (GB)": [("peak memory", "mem/peak_gb")],
@@ -304,7 +306,8 @@ def event_line(e: dict) -> str | None:
     clock = time.strftime("%H:%M:%S", time.localtime(e["time"])) if _num(e.get("time")) is not None else "--:--:--"
     if kind == "metrics":
         text = (f"step {step}  reward {_fmt(e.get('reward/mean'))}  accuracy {_fmt(e.get('accuracy'))}  "
-                f"format {_fmt(e.get('format_rate'))}  loss {_fmt(e.get('loss/total'), '.4g')}  "
+                f"format {_fmt(e.get('format_rate'))}  no-spread groups {_fmt(e.get('groups/zero_spread_frac'), '.0%')}  "
+                f"loss {_fmt(e.get('loss/total'), '.4g')}  "
                 f"({_fmt(e.get('time/step'), '.1f')} s)")
     elif kind == "eval":
         text = (f"eval at step {step}: accuracy {_fmt(e.get('accuracy'))}, format rate {_fmt(e.get('format_rate'))}"

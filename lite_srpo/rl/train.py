@@ -44,6 +44,7 @@ from .state import Run
 from .step_parts import (batch_roles, corruption_params, encode_prompts, filter_key, prompts_for_step, step_metrics,
                          subset)
 from .token_events import token_event_records
+from .zero_signal import ZeroSpreadWatch, log_dropped_step, zero_spread_share
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,7 @@ def rl_step(run: Run, step: int) -> dict:
     # 4. dynamic sampling (DAPO): keep groups whose accuracy (or total reward) differs; groups are whole
     #    on one rank, so each rank decides for its own
     kept = list(range(batch.size))
+    sampled = batch  # as sampled, before dynamic sampling: what a step that drops every group still shows
     if cfg.algorithm.dynamic_sampling:
         keep = grpo.dynamic_sampling_keep(filter_key(cfg, torch.tensor(rewards_list, dtype=torch.float32), per_fn),
                                           cfg.rollout.group_size)
@@ -257,6 +259,7 @@ def rl_step(run: Run, step: int) -> dict:
     batch = pad_batch(batch, g.width, pad_token_id(policy))
     rewards = torch.tensor(g.rewards, dtype=torch.float32)
     metrics = step_metrics(g, rewards)
+    metrics["groups/zero_spread_frac"] = zero_spread_share(rewards, cfg.rollout.group_size)
     adv_seq = grpo.group_advantages(rewards, cfg.rollout.group_size, scale=cfg.algorithm.adv_scale)[g.kept]
     if cfg.algorithm.dynamic_sampling:
         metrics["dynamic_sampling/kept_groups_frac"] = len(g.kept) / max(len(g.rewards), 1)
@@ -267,6 +270,7 @@ def rl_step(run: Run, step: int) -> dict:
             metrics["update/skipped_no_signal"] = 1.0
             metrics["optim/lr"] = run.scheduler.get_last_lr()[0]
             metrics["time/step"] = time.perf_counter() - t_start
+            log_dropped_step(run, sampled, rewards_list, per_fn, step)  # the completions still say why
             return metrics
 
     # 7. token advantages: the algorithm's shaping of the sequence advantage, over the whole step
@@ -382,6 +386,7 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
                         eval_every=cfg.train.eval_every)
     step = run.start_step
     saved_step = run.start_step
+    zero_spread = ZeroSpreadWatch()
     with GracefulStop() as stop:
         try:
             if cfg.train.eval_on_start and run.start_step == 0 and ctx.is_main:
@@ -393,6 +398,9 @@ def train(cfg: RunConfig, resume: bool = False, run: Run | None = None, quiet: b
                 run.events.write("metrics", step, **metrics)
                 run.trackers.log(step, metrics)
                 progress.update(step, metrics)
+                hint = zero_spread.update(metrics.get("groups/zero_spread_frac"))
+                if hint:
+                    run.events.write("warning", step, message=hint)
                 skipped = metrics.get("update/skipped_nonfinite", 0.0) > 0
                 run.nonfinite_streak = run.nonfinite_streak + 1 if skipped else 0
                 if skipped:
