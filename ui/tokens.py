@@ -94,3 +94,45 @@ def sample_header(event: dict, sample: dict) -> str:
     question = str(sample.get("question", "")).strip()
     return (f"**step {event.get('step')}** · {event.get('algorithm', '')} · reward **{reward_text}** · "
             f"gold answer `{sample.get('answer', '')}`\n\n{question}")
+
+
+ORDERS = ("as sampled", "reward", "advantage")  # how the response picker lists a step's samples
+
+
+def has_roles(sample: dict) -> bool:
+    """Whether any token of the response has a perception or reasoning role (events before the
+    `has_roles` field are read from their tokens)."""
+    if "has_roles" in sample:
+        return bool(sample["has_roles"])
+    return any(role_name(t.get("role")) != "other" for t in sample.get("tokens") or [])
+
+
+def first_with_roles(samples: list[dict]) -> int:
+    """The sample the view opens on: the first whose tokens have roles (a format failure shows every
+    token grey with weight 1, which is not what the tab is for), else the first."""
+    return next((i for i, s in enumerate(samples) if has_roles(s)), 0)
+
+
+def sample_order(samples: list[dict], order: str) -> list[int]:
+    """Sample indices as the picker lists them: as sampled, or by reward / advantage, highest first
+    (samples without the value last)."""
+    field = {"reward": "reward", "advantage": "advantage"}.get(order)
+    if field is None:
+        return list(range(len(samples)))
+    return sorted(range(len(samples)), key=lambda i: (_finite(samples[i].get(field)) is None,
+                                                        -(_finite(samples[i].get(field)) or 0.0), i))
+
+
+def sample_label(i: int, sample: dict) -> str:
+    reward, adv = _finite(sample.get("reward")), _finite(sample.get("advantage"))
+    parts = [f"#{i + 1}", "reward " + ("n/a" if reward is None else f"{reward:.3f}")]
+    if adv is not None:
+        parts.append(f"adv {adv:+.3f}")
+    if not has_roles(sample):
+        parts.append("(no roles)")
+    return " ".join(parts)
+
+
+def roles_summary(samples: list[dict]) -> str:
+    n = sum(has_roles(s) for s in samples)
+    return f"{n} of {len(samples)} recorded responses have perception/reasoning roles"

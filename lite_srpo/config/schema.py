@@ -230,7 +230,9 @@ class TrainConfig:
     keep_last: int = 3
     tokens_every: int = 1
     """Write a `tokens` event (per-token roles, scores, weights) every N steps."""
-    tokens_samples: int = 2
+    tokens_samples: int = 8
+    """Responses recorded per `tokens` event for the UI's Tokens tab, prompt by prompt: 8 is one whole group
+    at G = 8 (responses to the same image and question, side by side)."""
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0 = never during training)."""
     eval_on_start: bool = False

@@ -10,15 +10,9 @@ from .state import Run
 
 
 def pick_rows(batch: RolloutBatch, count: int) -> list[int]:
-    """The first response of each of the first `count` prompts present in the batch."""
-    rows, seen = [], set()
-    for i, p in enumerate(batch.prompt_of):
-        if p not in seen:
-            seen.add(p)
-            rows.append(i)
-        if len(rows) == count:
-            break
-    return rows
+    """The first `count` responses, prompt by prompt (the batch is prompt-major): with count = G, the first
+    prompt's whole group, so the Tokens tab can compare responses that share an image and a question."""
+    return list(range(min(count, batch.size)))
 
 
 def _value(t: torch.Tensor | None, i: int, j: int, default: float) -> float:
@@ -44,8 +38,11 @@ def token_event_records(run: Run, batch: RolloutBatch, rewards: list[float], sha
         tokens = [{"t": text[s:e], "role": 0 if roles is None else int(roles[i, j]),
                    "score": _value(shaping.scores, i, j, 0.0), "weight": _value(shaping.weights, i, j, 1.0),
                    "adv": _value(shaping.advantages, i, j, 0.0)} for j, (s, e) in enumerate(spans)]
+        advantage = None if shaping.advantages is None or not length else round(
+            float(shaping.advantages[i, :length].float().mean()), 5)
         records.append({"row": i, "question": sample.question, "answer": sample.answer, "source": sample.source,
                         "response": batch.texts[i], "reward": rewards[i] if i < len(rewards) else None,
+                        "advantage": advantage, "has_roles": any(t["role"] for t in tokens),
                         "image": None if image_path is None else str(image_path.relative_to(run.run_dir)),
                         "tokens": tokens})
     return records

@@ -42,7 +42,9 @@ def test_a_step_that_drops_every_group_still_logs_its_completions_and_tokens(tin
     assert [m["groups/zero_spread_frac"] for m in metrics] == [1.0, 1.0]
     tokens = [e for e in events if e["type"] == "tokens"]
     assert [e["step"] for e in tokens] == [1, 2] and all(e["dropped"] for e in tokens)
-    assert all(s["tokens"] and all(t["adv"] == 0.0 for t in s["tokens"]) for e in tokens for s in e["samples"])
+    assert all(s["tokens"] and all(t["adv"] == 0.0 for t in s["tokens"]) and s["advantage"] == 0.0 and "has_roles" in s
+               for e in tokens for s in e["samples"])
+    assert [len(e["samples"]) for e in tokens] == [4, 4]  # tokens_samples = 8 takes every response of this step
     acc = EventAccumulator(str(run.run_dir / "tensorboard"), size_guidance={"tensors": 0, "images": 0})
     acc.Reload()
     assert any("completions" in tag for tag in acc.Tags()["tensors"]), acc.Tags()

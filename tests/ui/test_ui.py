@@ -216,6 +216,33 @@ def test_event_tail_is_incremental_and_resets_on_rewrite(tmp_path):
     assert full["samples"][1]["tokens"][49]["t"] == "a" and tokens.token_events(tail.events) == [stub]
 
 
+def test_tokens_tab_opens_on_a_response_with_roles_and_sorts_by_reward_or_advantage(tmp_path):
+    """A format failure (every token role 0) comes first in the step; the tab opens on the next response,
+    says how many responses have roles, and lists them by reward or advantage on request."""
+    from ui import tab_tokens
+
+    def sample(reward, adv, roles):
+        return {"question": "q", "reward": reward, "advantage": adv, "response": "r",
+                "tokens": [{"t": "x", "role": r, "weight": 1.0, "adv": adv} for r in roles]}
+
+    samples = [sample(0.0, -0.5, [0, 0]), sample(1.0, 0.9, [1, 2]), sample(0.5, 0.1, [2, 0]), sample(None, None, [0])]
+    assert tokens.first_with_roles(samples) == 1 and tokens.first_with_roles(samples[:1]) == 0
+    assert tokens.sample_order(samples, "reward") == [1, 2, 0, 3]
+    assert tokens.sample_order(samples, "advantage") == [1, 2, 0, 3]
+    assert tokens.sample_order(samples, "as sampled") == [0, 1, 2, 3]
+    assert tokens.roles_summary(samples) == "2 of 4 recorded responses have perception/reasoning roles"
+    assert tokens.sample_label(0, samples[0]) == "#1 reward 0.000 adv -0.500 (no roles)"
+    assert tokens.has_roles({"has_roles": False, "tokens": [{"role": 1}]}) is False  # the recorded flag wins
+
+    w = EventWriter(tmp_path / "events.jsonl")
+    w.write("tokens", 1, algorithm="srpo", samples=samples, dropped=True)
+    label, pick, _, _, highlights, _, _ = tab_tokens.render(str(tmp_path), 0, "weight", None, "reward")
+    assert pick["value"] == 1 and [v for _, v in pick["choices"]] == [1, 2, 0, 3]
+    assert "2 of 4 recorded responses have" in label and "dropped by dynamic sampling" in label
+    assert [shade.split()[0] for _, shade in highlights] == ["perception", "reasoning"]
+    assert tab_tokens.render(str(tmp_path), 0, "weight", 3)[1]["value"] == 3  # a chosen response stays chosen
+
+
 def test_log_tail_keeps_last_carriage_return_state(tmp_path):
     log = tmp_path / "train.log"
     log.write_text("loading\nstep 1/3 a\rstep 2/3 b\rstep 3/3 c\ndone\n")
