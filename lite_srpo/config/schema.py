@@ -157,6 +157,15 @@ class AlgorithmConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float | None = None
+    importance_sampling_level: str = "token"
+    """token (one ratio per token, PPO/GRPO) | sequence (GSPO: one ratio per response, the exp of its mean
+    token log-ratio, clipped as a whole; TRL's `importance_sampling_level="sequence"`). GSPO's paper clips
+    far tighter at this level (3e-4 / 4e-4): set clip_low / clip_high to match."""
+    policy_loss: str = "clip"
+    """clip (the PPO clipped surrogate) | cispo (CISPO, MiniMax-M1 / ScaleRL: -sg(min(ratio, cispo_max)) x
+    advantage x log-prob, so no token loses its gradient to the clip; TRL's `loss_type="cispo"`)."""
+    cispo_max: float = 5.0
+    """CISPO's cap on the detached importance weight (ScaleRL's epsilon_max; TRL recommends 5.0)."""
     agg: str = "token"
     """token (DAPO global token mean) | seq (GRPO paper) | dr_grpo (sum / (N * max_len))."""
     beta: float = 0.0
@@ -318,6 +327,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.name": ALGORITHMS,
     "algorithm.adv_scale": ("group", "batch", "none"),
     "algorithm.agg": ("token", "seq", "dr_grpo"),
+    "algorithm.importance_sampling_level": ("token", "sequence"),
+    "algorithm.policy_loss": ("clip", "cispo"),
     "algorithm.corruption.kind": ("patch", "noise", "blur", "constant"),
     "algorithm.srpo.consistency": ("removed", "corrupted", "perception_only"),
     "algorithm.srpo.weighted_roles": ("both", "perception", "reasoning"),

@@ -90,6 +90,10 @@ def problems(cfg: RunConfig) -> list[str]:
     need(cfg.algorithm.clip_low >= 0 and cfg.algorithm.clip_low < 1, "algorithm.clip_low", cfg.algorithm.clip_low, "needs 0 <= clip_low < 1")
     need(cfg.algorithm.clip_high >= 0, "algorithm.clip_high", cfg.algorithm.clip_high, "needs >= 0")
     need(cfg.algorithm.dual_clip is None or cfg.algorithm.dual_clip > 1, "algorithm.dual_clip", cfg.algorithm.dual_clip, "null or > 1")
+    need(cfg.algorithm.cispo_max > 0, "algorithm.cispo_max", cfg.algorithm.cispo_max, "needs > 0 (TRL recommends 5.0)")
+    if cfg.algorithm.policy_loss == "cispo" and cfg.algorithm.dual_clip is not None:
+        errs.append(f"algorithm.dual_clip: {cfg.algorithm.dual_clip!r} with algorithm.policy_loss: cispo — CISPO has no "
+                    "clipped surrogate for a dual clip to bound (its weight is capped by algorithm.cispo_max); set null")
     need(cfg.algorithm.beta >= 0, "algorithm.beta", cfg.algorithm.beta, "needs >= 0")
     need(0 < cfg.algorithm.srpo.lam < 1, "algorithm.srpo.lam", cfg.algorithm.srpo.lam, "needs 0 < lam < 1 so weights stay positive")
     need(cfg.algorithm.srpo.tau > 0, "algorithm.srpo.tau", cfg.algorithm.srpo.tau, "needs > 0")

@@ -397,7 +397,8 @@ def _trace_update(policy: PolicyModel, cfg: RunConfig, shape: TraceShape, layout
                                    clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
                                    agg=algo.agg, max_len=shape.response_tokens,
                                    token_mask=None if shaping.token_mask is None else shaping.token_mask[rows].to(META),
-                                   denominator=float(shape.micro_batch))
+                                   denominator=float(shape.micro_batch), level=algo.importance_sampling_level,
+                                   loss=algo.policy_loss, cispo_max=algo.cispo_max)
         if algo.beta > 0:
             kl = grpo.kl_k3(logp, torch.zeros_like(logp))
             loss = loss + algo.beta * grpo.aggregate(kl, mask, algo.agg, max_len=shape.response_tokens,

@@ -162,7 +162,8 @@ def policy_update(run: Run, batch: RolloutBatch, shaping: Shaping, x: ShapeInput
             loss, metrics = grpo.policy_loss(
                 logp, old, shaping.advantages[rows].to(dev), m,
                 clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip, agg=algo.agg,
-                max_len=cfg.rollout.max_new_tokens, token_mask=tm, denominator=denom)
+                max_len=cfg.rollout.max_new_tokens, token_mask=tm, denominator=denom,
+                level=algo.importance_sampling_level, loss=algo.policy_loss, cispo_max=algo.cispo_max)
             if algo.beta > 0 and x.passes.ref_logp is not None:
                 kl = grpo.kl_k3(logp, x.passes.ref_logp[rows].to(dev))
                 kl_loss = grpo.aggregate(kl, m, algo.agg, max_len=cfg.rollout.max_new_tokens, denominator=denom)

@@ -100,17 +100,38 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int |
     return masked.sum() / (values.shape[0] * (values.shape[1] if max_len is None else max_len))
 
 
+def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str = "token") -> torch.Tensor:
+    """log(π/π_old), clamped to ±20: per token `[N, T]`, or with level "sequence" (GSPO) each response's
+    mean over its valid tokens, `[N, 1]` (so the ratio is exp of the mean, one per response)."""
+    logr = logp - old_logp.to(logp.dtype)
+    if level == "sequence":
+        valid = mask.to(logp.dtype)
+        logr = ((logr * valid).sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp(min=1.0))
+    elif level != "token":
+        raise ValueError(f"importance sampling level must be token or sequence; got {level!r}")
+    return logr.clamp(-20.0, 20.0)
+
+
+def cispo_per_token(logp: torch.Tensor, logr: torch.Tensor, adv: torch.Tensor, cap: float) -> torch.Tensor:
+    """CISPO's per-token loss -sg(min(ρ, cap))·Â·log π (MiniMax-M1): the importance weight is truncated and
+    detached, and the gradient flows through log π on every token, clipped or not."""
+    return -torch.exp(logr).clamp(max=cap).detach() * adv * logp
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                 clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = None, agg: str = "token",
                 max_len: int | None = None, token_mask: torch.Tensor | None = None,
-                denominator: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                denominator: float | None = None, level: str = "token", loss: str = "clip",
+                cispo_max: float = 5.0) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate with optional dual clip, EasyR1 style; returns `(loss, metrics)`.
 
     logr = clamp(logp - old_logp, ±20); ρ = exp(logr); ρ_clip = exp(clamp(logr, log(1-clip_low), log(1+clip_high)))
     L = max(-Â·ρ, -Â·ρ_clip); where Â < 0 and dual_clip = c: L = min(L, -Â·c)
     `adv` is `[N]` (one per sequence) or `[N, T]` (per token, e.g. SRPO/VGPO weights). `token_mask`
     (VPPO) zeroes L on unselected tokens while the denominator stays all valid tokens of `mask`.
-    See `aggregate` for `agg`, `max_len` and `denominator`.
+    See `aggregate` for `agg`, `max_len` and `denominator`. `level` "sequence" (GSPO) uses one ratio per
+    response (`log_ratio`); `loss` "cispo" replaces the surrogate with `cispo_per_token` (capped at
+    `cispo_max`; clip/frac_high then counts tokens whose weight the cap truncated, Â > 0, as TRL does).
 
     metrics (python floats over valid tokens): clip/frac_low (ρ < 1-clip_low and the clip bites, Â < 0),
     clip/frac_high (ρ > 1+clip_high, Â > 0), clip/frac (either), ratio/mean, loss/pg (detached), and
@@ -127,14 +148,21 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0; got {clip_low}, {clip_high}")
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1 (EasyR1 uses 3.0); got {dual_clip}")
+    if loss not in ("clip", "cispo"):
+        raise ValueError(f"policy loss must be clip or cispo; got {loss!r}")
+    if loss == "cispo" and dual_clip is not None:
+        raise ValueError("dual_clip bounds the clipped surrogate; CISPO has none (its weight is capped by cispo_max)")
     adv = adv.to(logp.dtype)
-    logr = (logp - old_logp.to(logp.dtype)).clamp(-20.0, 20.0)  # [N, T]
+    logr = log_ratio(logp, old_logp, mask, level).expand_as(logp)  # [N, T] (one value per row for GSPO)
     ratio = torch.exp(logr)  # [N, T]
     ratio_clip = torch.exp(logr.clamp(math.log(1.0 - clip_low), math.log(1.0 + clip_high)))  # [N, T]
     loss_unclipped = -adv * ratio  # [N, T]
     loss_clipped = -adv * ratio_clip  # [N, T]
     per_token = torch.maximum(loss_unclipped, loss_clipped)  # [N, T]
     clipped = loss_clipped > loss_unclipped  # [N, T] the clip is what sets L
+    if loss == "cispo":
+        per_token = cispo_per_token(logp, logr, adv, cispo_max)
+        clipped = (ratio > cispo_max) & (adv > 0)
     dual_bites = None
     if dual_clip is not None:
         cap = -adv * dual_clip

@@ -219,3 +219,52 @@ def test_overlong_penalty_hand_computed():
     assert torch.allclose(half, 0.5 * out)
     only_truncation = overlong_penalty(lengths, truncated, max_len=20, buffer_frac=0.0)
     assert torch.equal(only_truncation, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, -1.0]))
+
+
+# ---- GSPO (sequence-level ratio) and CISPO, on the same example --------------------------------------
+# GSPO: one ratio per response, exp(mean valid log-ratio).
+#   row 0: mean log(1.5, 0.5, 1.0, 0.9) = log(0.675) / 4 -> ρ = 0.675^(1/4) = 0.906413 (inside [0.8, 1.28]);
+#          Â = +1: L = -0.906413 per token, 4 tokens
+#   row 1: mean log(0.5, 1.5, 4.0) = log(3.0) / 3 -> ρ = 3^(1/3) = 1.442250 (> 1.28); Â = -1:
+#          max(1.442250, 1.28) = 1.442250 per token, 3 tokens (a negative advantage is not clipped above)
+GSPO_ROWS = (-(0.675 ** 0.25), 3.0 ** (1 / 3))
+
+
+def test_gspo_sequence_level_ratio_by_hand():
+    logp, old, adv, mask = example()
+    loss, m = grpo.policy_loss(logp, old, adv, mask, agg="token", level="sequence")
+    assert float(loss) == pytest.approx((4 * GSPO_ROWS[0] + 3 * GSPO_ROWS[1]) / 7, abs=1e-12)
+    seq, _ = grpo.policy_loss(logp, old, adv, mask, agg="seq", level="sequence")
+    assert float(seq) == pytest.approx((GSPO_ROWS[0] + GSPO_ROWS[1]) / 2, abs=1e-12)  # GSPO's per-sequence mean
+    assert m["ratio/mean"] == pytest.approx((4 * 0.675 ** 0.25 + 3 * 3.0 ** (1 / 3)) / 7)
+    assert m["clip/frac"] == 0.0
+    # clipped as a whole: row 0 with Â = +1 and ρ = 1.442 (> 1.28) would be clipped on every token
+    flipped, mf = grpo.policy_loss(logp, old, -adv, mask, agg="seq", level="sequence")
+    assert float(flipped) == pytest.approx((0.675 ** 0.25 + -1.28) / 2, abs=1e-12)
+    assert mf["clip/frac_high"] == pytest.approx(3 / 7)
+
+
+# CISPO: L = -min(ρ, cap)·Â·log π, weight detached. log π = log ρ here (old log-probs are 0).
+#   row 0, Â = +1, cap 5: -(1.5 log 1.5 + 0.5 log 0.5 + 1.0 log 1.0 + 0.9 log 0.9)
+#   row 1, Â = -1: +(0.5 log 0.5 + 1.5 log 1.5 + 4.0 log 4.0); with cap 2: 4.0 -> 2 · log 4
+def _cispo_rows(cap: float) -> tuple[float, float]:
+    r0 = [1.5, 0.5, 1.0, 0.9]
+    r1 = [0.5, 1.5, 4.0]
+    return (-sum(min(r, cap) * math.log(r) for r in r0), sum(min(r, cap) * math.log(r) for r in r1))
+
+
+@pytest.mark.parametrize("cap", [5.0, 2.0])
+def test_cispo_by_hand(cap):
+    logp, old, adv, mask = example()
+    logp.requires_grad_()
+    loss, m = grpo.policy_loss(logp, old, adv, mask, agg="token", loss="cispo", cispo_max=cap)
+    r0, r1 = _cispo_rows(cap)
+    assert float(loss) == pytest.approx((r0 + r1) / 7, abs=1e-12)
+    loss.backward()
+    # every valid token keeps a gradient, -sg(w)·Â / 7, even where the PPO clip would have zeroed it
+    w = [[1.5, 0.5, 1.0, 0.9], [0.5, 1.5, min(4.0, cap), 0.0]]
+    expected = torch.tensor([[-x for x in w[0]], w[1]], dtype=F64) / 7
+    assert torch.allclose(logp.grad, expected, atol=1e-12)
+    assert m["clip/frac_high"] == 0.0  # the only capped token (4.0 at cap 2) has Â < 0
+    with pytest.raises(ValueError, match="CISPO has none"):
+        grpo.policy_loss(logp, old, adv, mask, loss="cispo", dual_clip=3.0)
