@@ -82,6 +82,10 @@ class RolloutConfig:
     several calls, and the KV cache holds only this many rows (0 = every row of the call at once). With
     > 0 each response's sampler is seeded by (seed, step, prompt, sample), so the tokens do not depend on
     the split."""
+    max_resample_rounds: int = 0
+    """With dynamic sampling: rounds of new prompts sampled to refill the groups it dropped, as DAPO and
+    EasyR1's `online_filtering` do (0 = none: the batch shrinks instead). Each round samples as many
+    prompts as groups are missing; the cost is logged (dynamic_sampling/extra_responses, time/resample)."""
 
 
 @dataclass

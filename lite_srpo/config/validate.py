@@ -90,6 +90,12 @@ def problems(cfg: RunConfig) -> list[str]:
     need(cfg.algorithm.clip_low >= 0 and cfg.algorithm.clip_low < 1, "algorithm.clip_low", cfg.algorithm.clip_low, "needs 0 <= clip_low < 1")
     need(cfg.algorithm.clip_high >= 0, "algorithm.clip_high", cfg.algorithm.clip_high, "needs >= 0")
     need(cfg.algorithm.dual_clip is None or cfg.algorithm.dual_clip > 1, "algorithm.dual_clip", cfg.algorithm.dual_clip, "null or > 1")
+    rounds = cfg.rollout.max_resample_rounds
+    need(isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0, "rollout.max_resample_rounds",
+         rounds, "a whole number >= 0 (0 = no re-sampling)")
+    if isinstance(rounds, int) and rounds > 0 and not cfg.algorithm.dynamic_sampling:
+        errs.append(f"rollout.max_resample_rounds: {rounds} refills the groups dynamic sampling drops, but "
+                    "algorithm.dynamic_sampling is false — turn it on, or set 0")
     need(cfg.algorithm.cispo_max > 0, "algorithm.cispo_max", cfg.algorithm.cispo_max, "needs > 0 (TRL recommends 5.0)")
     if cfg.algorithm.policy_loss == "cispo" and cfg.algorithm.dual_clip is not None:
         errs.append(f"algorithm.dual_clip: {cfg.algorithm.dual_clip!r} with algorithm.policy_loss: cispo — CISPO has no "

@@ -41,9 +41,11 @@ from .optim import build_optimizer, build_scheduler
 from .passes import rows_logprobs, run_passes
 from .rollout import RolloutBatch, generate, pad_token_id, uses_own_sampler
 from .state import Run
-from .step_parts import (batch_roles, corruption_params, encode_prompts, filter_key, prompts_for_step, step_metrics,
+from .step_parts import (batch_roles, corruption_params, encode_prompts, prompts_for_step, step_metrics,
                          subset)
 from .token_events import token_event_records
+from .dynamic_fill import Scored, fill
+from .step_sampling import keep_groups, resample, score
 from .zero_signal import ZeroSpreadWatch, log_dropped_step, zero_spread_share
 
 log = logging.getLogger(__name__)
@@ -221,22 +223,19 @@ def rl_step(run: Run, step: int) -> dict:
     t_gen = time.perf_counter() - t0
 
     # 3. rewards (the overlong punishment is part of the reward)
-    rewards_list, per_fn, reward_metrics = run.rewarder.compute(batch.texts, batch.samples(), step)
-    lengths, truncated = batch.response_mask.sum(dim=1), batch.truncated
-    if cfg.algorithm.overlong == "punish":  # DAPO's soft overlong punishment
-        penalty = grpo.overlong_penalty(lengths, truncated, cfg.rollout.max_new_tokens,
-                                        cfg.algorithm.overlong_buffer, cfg.algorithm.overlong_penalty)
-        per_fn["overlong"] = penalty.tolist()
-        rewards_list = [r + p for r, p in zip(rewards_list, per_fn["overlong"])]
+    rewards_list, per_fn, reward_metrics = score(run, batch, step)
 
-    # 4. dynamic sampling (DAPO): keep groups whose accuracy (or total reward) differs; groups are whole
-    #    on one rank, so each rank decides for its own
-    kept = list(range(batch.size))
-    sampled = batch  # as sampled, before dynamic sampling: what a step that drops every group still shows
+    # 4. dynamic sampling (DAPO): keep groups whose accuracy (or total reward) differs, re-sampling up to
+    #    rollout.max_resample_rounds rounds to fill the batch; groups are whole on one rank, each rank fills its own
+    kept, fill_metrics = list(range(batch.size)), {}
     if cfg.algorithm.dynamic_sampling:
-        keep = grpo.dynamic_sampling_keep(filter_key(cfg, torch.tensor(rewards_list, dtype=torch.float32), per_fn),
-                                          cfg.rollout.group_size)
-        kept = [i for i in range(batch.size) if keep[i // cfg.rollout.group_size]]
+        filled = fill(Scored(batch, rewards_list, per_fn, keep_groups(run, rewards_list, per_fn)), cfg.rollout.group_size,
+                      cfg.rollout.max_resample_rounds, pad_token_id(policy),
+                      lambda round_, missing: resample(run, step, round_, missing))
+        batch, rewards_list, per_fn, kept, fill_metrics = filled.batch, filled.rewards, filled.per_fn, filled.kept, filled.metrics
+    sampled = batch  # every row generated, before dynamic sampling: what a step that drops every group still shows
+    lengths, truncated = batch.response_mask.sum(dim=1), batch.truncated
+    if cfg.algorithm.dynamic_sampling:
         batch = subset(batch, kept)
 
     # 5. roles of every response token (structured template) and the algorithm's extra no-grad passes
@@ -260,6 +259,7 @@ def rl_step(run: Run, step: int) -> dict:
     batch = pad_batch(batch, g.width, pad_token_id(policy))
     rewards = torch.tensor(g.rewards, dtype=torch.float32)
     metrics = step_metrics(g, rewards)
+    metrics.update(fill_metrics)
     metrics["groups/zero_spread_frac"] = zero_spread_share(rewards, cfg.rollout.group_size)
     adv_seq = grpo.group_advantages(rewards, cfg.rollout.group_size, scale=cfg.algorithm.adv_scale)[g.kept]
     if cfg.algorithm.dynamic_sampling:
