@@ -34,7 +34,10 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     vision: bool = False
-    """Also put LoRA on the vision tower (off by default, as EasyR1: vLLM cannot serve ViT LoRA)."""
+    """Also put LoRA on the vision tower's blocks (off by default, as in EasyR1 and Unsloth). Serving them
+    is no longer the obstacle: vLLM serves LoRA on the vision tower and connector of the Qwen-VL series
+    and Idefics3 since PR #26674 (`enable_tower_connector_lora`). With it on, the vision cache is off (the
+    tower changes within a step) and the planner counts the tower's adapter."""
     init_from: str = ""
     """Continue from a pre-trained adapter directory (its copy is frozen as the reference)."""
 
