@@ -116,3 +116,76 @@ def assert_same(a, b, where: str = "") -> None:
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# ------------------------------------------------------------------------------------------ CUDA stand-ins
+
+
+class FakeCudaState:
+    """A stand-in for the one thing this machine lacks, a node with GPUs: the CUDA calls `init_from_env` and
+    `pick_device` make, over a real current-device state (set_device changes what current_device reads).
+    Shared by tests/rl/test_distributed.py and tests/fake_cuda/, where emulated tensors follow it."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.current = count, 0
+
+    def install(self, monkeypatch) -> None:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda i: setattr(self, "current", int(i)))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+
+
+# ------------------------------------------------------------------------------------------ fake_cuda marker
+
+REQUIRE_FAKE_CUDA = "LITE_SRPO_REQUIRE_FAKE_CUDA"
+"""Set by `make test` (CI): the session fails unless fake_cuda tests ran and none was skipped, so that a
+CPU-build venv, a deselection or a deleted directory cannot turn them into silent skips."""
+_FAKE_CUDA_RUN = {"passed": 0, "skipped": 0, "failed": 0}
+
+
+def pytest_collection_modifyitems(config, items):
+    """fake_cuda tests skip, with the reason, on the CPU build of torch: it has no CUDA code to run."""
+    import torch
+
+    if torch.version.cuda is not None:
+        return
+    skip = pytest.mark.skip(reason=f"fake_cuda: torch {torch.__version__} is the CPU build (torch.version.cuda is "
+                                   "None); these tests run the CUDA build's code paths: use .venv-cuda (make test)")
+    for item in items:
+        if "fake_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    if "fake_cuda" not in report.keywords:
+        return
+    if report.skipped:
+        _FAKE_CUDA_RUN["skipped"] += 1
+    elif report.failed:
+        _FAKE_CUDA_RUN["failed"] += 1
+    elif report.passed and report.when == "call":
+        _FAKE_CUDA_RUN["passed"] += 1
+
+
+def _fake_cuda_shortfall() -> str | None:
+    if os.environ.get(REQUIRE_FAKE_CUDA) != "1":
+        return None
+    run = _FAKE_CUDA_RUN
+    if run["passed"] == 0 or run["skipped"]:
+        return (f"{REQUIRE_FAKE_CUDA}=1: {run['passed']} fake_cuda test(s) passed, {run['skipped']} skipped; CI needs "
+                "them run (the CUDA build of torch in the test venv, tests/fake_cuda collected)")
+    return None
+
+
+def pytest_terminal_summary(terminalreporter):
+    message = _fake_cuda_shortfall()
+    if message:
+        terminalreporter.write_line(message, red=True, bold=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _fake_cuda_shortfall() and exitstatus == 0:  # 5 (nothing collected) stays 5: `make test` reports it
+        session.exitstatus = 1

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
+from conftest import FakeCudaState, tiny_recipe
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -281,20 +281,6 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint(g
     assert status["status"] == "stopped"
     step = status["step"]
     assert step < 500 and (run_dir / "checkpoints" / f"step_{step:06d}").is_dir()
-
-
-class FakeCudaState:
-    """A stand-in for the one thing this machine lacks, a node with GPUs: the CUDA calls `init_from_env` and
-    `pick_device` make, over a real current-device state (set_device changes what current_device reads)."""
-
-    def __init__(self, count: int) -> None:
-        self.count, self.current = count, 0
-
-    def install(self, monkeypatch) -> None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
-        monkeypatch.setattr(torch.cuda, "set_device", lambda i: setattr(self, "current", int(i)))
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
 
 
 @pytest.mark.parametrize("rank,local,expected", [(1, 1, 1), (3, 1, 1), (2, 0, 0)])
