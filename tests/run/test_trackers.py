@@ -234,7 +234,8 @@ def check_completions(run_dir, events) -> None:
     for r in rows:
         parts = sum(w * r[f"reward/{name}"] for name, w in WEIGHTS.items())
         assert r["reward"] == pytest.approx(parts + r["reward/overlong"], abs=1e-4)
-    for record, row in zip(tokens["samples"], [rows[0], rows[2]]):  # the tokens event shows each prompt's first
+    assert len(tokens["samples"]) == len(rows)  # the tokens event records the step's first responses, prompt by prompt
+    for record, row in zip(tokens["samples"], rows):
         plain = row["response"]
         for mark in ("[P]", "[/P]", "[R]", "[/R]"):
             plain = plain.replace(mark, "")
@@ -257,7 +258,10 @@ def check_completions(run_dir, events) -> None:
     lines = markdown.splitlines()
     assert len(lines) == 2 + 4 and lines[0].startswith("| prompt | sample | image | question | answer | response |")
     assert markdown == markdown_table([dict(r, image=r["image"] and "x") for r in rows])  # the same rows as wandb
-    for prompt, record in enumerate(tokens["samples"]):
+    firsts = {}  # each prompt's first recorded response (the tokens event has a whole group per prompt)
+    for record, row in zip(tokens["samples"], rows):
+        firsts.setdefault(row["prompt"], record)
+    for prompt, record in firsts.items():
         images = acc.Images(f"completions/prompt_{prompt}")
         assert [i.step for i in images] == [2]
         got = np.asarray(Image.open(io.BytesIO(images[0].encoded_image_string)).convert("RGB"))
