@@ -177,7 +177,7 @@ def test_a_step_with_no_group_kept_still_advances_the_schedule(warm_qwen, tmp_pa
 
 def test_filter_on_accuracy_drops_all_wrong_groups_that_differ_only_in_format():
     from lite_srpo.rl.objectives.grpo import dynamic_sampling_keep
-    from lite_srpo.rl.train import filter_key
+    from lite_srpo.rl.step_parts import filter_key
 
     cfg = config_from_dict({"model": {"path": "m"}, "data": {"task": "count_shapes"}, "algorithm": {"name": "dapo"}})
     per_fn = {"accuracy": [0, 0, 0, 0, 1, 0, 1, 0], "format": [1, 0, 1, 1, 1, 1, 0, 1]}
