@@ -105,22 +105,21 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     @contextlib.contextmanager
-    def host(self) -> Iterator[None]:
-        """Tensors created here stand in for host memory (pinned offload buffers)."""
-        was, self._host = self._host, True
+    def _switched_on(self, flag: str) -> Iterator[None]:
+        was = getattr(self, flag)
+        setattr(self, flag, True)
         try:
             yield
         finally:
-            self._host = was
+            setattr(self, flag, was)
 
-    @contextlib.contextmanager
-    def metric_scalars(self) -> Iterator[None]:
+    def host(self) -> contextlib.AbstractContextManager[None]:
+        """Tensors created here stand in for host memory (pinned offload buffers)."""
+        return self._switched_on("_host")
+
+    def metric_scalars(self) -> contextlib.AbstractContextManager[None]:
         """Scalar reads of traced tensors return 1: only around code whose scalars feed metrics."""
-        was, self._scalars_one = self._scalars_one, True
-        try:
-            yield
-        finally:
-            self._scalars_one = was
+        return self._switched_on("_scalars_one")
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[PhasePeak]:
