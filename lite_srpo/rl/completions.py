@@ -108,16 +108,25 @@ def completion_rows(prompts: list[int], samples: list[Sample], texts: list[str],
     return out
 
 
-def step_completions(tokenizer, batch: RolloutBatch, g: GlobalStep, adv_seq: torch.Tensor,
-                     shaping: Shaping) -> list[dict]:
-    """The table from this rank's rows of the step (rank 0's rows come first in the kept order `g.kept`)."""
+def batch_completions(tokenizer, batch: RolloutBatch, rewards: list[float], parts: dict[str, list[float]],
+                      roles: torch.Tensor | None, advantages: torch.Tensor | list[float],
+                      weights: torch.Tensor | None) -> list[dict]:
+    """The table from `batch`'s rows (`pick_rows`); every per-row argument is indexed by the batch's row."""
     rows = pick_rows(batch.prompt_of[:batch.size])
     ids = [batch.response_ids[i, :int(batch.response_mask[i].sum())].tolist() for i in rows]
-    original = [g.kept[i] for i in rows]  # row index before dynamic sampling (rewards are indexed so)
     return completion_rows(
         prompts=[batch.prompt_of[i] for i in rows], samples=[p.sample for p in batch.prompts],
         texts=[tokenizer.decode(x) for x in ids], spans=[token_char_spans(tokenizer, x) for x in ids],
-        roles=None if g.roles is None else [g.roles[i, :len(x)].tolist() for i, x in zip(rows, ids)],
-        rewards=[g.rewards[j] for j in original], parts={k: [v[j] for j in original] for k, v in g.per_fn.items()},
-        advantages=[float(adv_seq[i]) for i in rows],
-        weights=None if shaping.weights is None else [shaping.weights[i, :len(x)].tolist() for i, x in zip(rows, ids)])
+        roles=None if roles is None else [roles[i, :len(x)].tolist() for i, x in zip(rows, ids)],
+        rewards=[rewards[i] for i in rows], parts={k: [v[i] for i in rows] for k, v in parts.items()},
+        advantages=[float(advantages[i]) for i in rows],
+        weights=None if weights is None else [weights[i, :len(x)].tolist() for i, x in zip(rows, ids)])
+
+
+def step_completions(tokenizer, batch: RolloutBatch, g: GlobalStep, adv_seq: torch.Tensor,
+                     shaping: Shaping) -> list[dict]:
+    """The table from this rank's rows of the step (rank 0's rows come first in the kept order `g.kept`)."""
+    original = g.kept[:batch.size]  # each row's index before dynamic sampling (rewards are indexed so)
+    return batch_completions(tokenizer, batch, [g.rewards[j] for j in original],
+                             {k: [v[j] for j in original] for k, v in g.per_fn.items()}, g.roles, adv_seq,
+                             shaping.weights)

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.prompts import token_char_spans
 from .algorithms import Shaping
-from .completions import completion_rows, pick_rows as table_rows
+from .completions import batch_completions
 from .rollout import RolloutBatch
 from .state import Run
 from .step_parts import batch_roles
@@ -69,12 +68,5 @@ def log_dropped_step(run: Run, batch: RolloutBatch, rewards: list[float], per_fn
         records = token_event_records(run, batch, rewards, zero, roles, step)
         run.events.write("tokens", step, algorithm=cfg.algorithm.name, samples=records, dropped=True)
     if table_due:
-        tok = run.policy.tokenizer
-        rows = table_rows(batch.prompt_of[:batch.size])
-        ids = [batch.response_ids[i, :int(batch.response_mask[i].sum())].tolist() for i in rows]
-        run.trackers.log_completions(step, completion_rows(
-            prompts=[batch.prompt_of[i] for i in rows], samples=[p.sample for p in batch.prompts],
-            texts=[tok.decode(x) for x in ids], spans=[token_char_spans(tok, x) for x in ids],
-            roles=None if roles is None else [roles[i, :len(x)].tolist() for i, x in zip(rows, ids)],
-            rewards=[rewards[i] for i in rows], parts={k: [v[i] for i in rows] for k, v in per_fn.items()},
-            advantages=[0.0] * len(rows), weights=None))
+        run.trackers.log_completions(step, batch_completions(run.policy.tokenizer, batch, rewards, per_fn, roles,
+                                                             [0.0] * batch.size, None))
