@@ -9,7 +9,7 @@ import torch
 from ..run.runtime import row_sampling_seed, sampling_seed
 from .dynamic_fill import RESAMPLE_SEED, Scored
 from .objectives import grpo
-from .rollout import RolloutBatch, generate
+from .rollout import PromptInputs, RolloutBatch, generate
 from .state import Run
 from .step_parts import encode_prompts, filter_key, prompts_for_step
 
@@ -35,16 +35,20 @@ def keep_groups(run: Run, rewards: list[float], per_fn: dict[str, list[float]]) 
     return [bool(k) for k in grpo.dynamic_sampling_keep(key, run.cfg.rollout.group_size)]
 
 
+def rollout(run: Run, prompts: list[PromptInputs], step: int, seed: int, first: int) -> RolloutBatch:
+    """G responses per prompt with the recipe's settings; the sampler is seeded by (seed, step, prompt index),
+    the prompts' indices starting at `first` (the rank's share, or a re-sampling round's)."""
+    cfg = run.cfg
+    return generate(run.policy, prompts, cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.rollout.temperature,
+                    cfg.rollout.top_p, cfg.rollout.top_k, batch_prompts=run.generation_batch,
+                    seed_of=lambda i: sampling_seed(seed, step, first + i), batch_rows=run.generation_rows,
+                    row_seed_of=lambda i, j: row_sampling_seed(seed, step, first + i, j))
+
+
 def resample(run: Run, step: int, round_: int, missing: int) -> Scored | None:
     """`missing` new prompts from the round's own stream, sampled, scored and judged like the first round's."""
-    cfg = run.cfg
-    seed = cfg.train.seed + RESAMPLE_SEED * round_ + RANK_SEED * run.dist.rank
-    samples = prompts_for_step(run.train_set, step, missing, seed)
-    prompts = encode_prompts(run, samples)
-    first = ROUND_PROMPTS * round_
-    batch = generate(run.policy, prompts, cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.rollout.temperature,
-                     cfg.rollout.top_p, cfg.rollout.top_k, batch_prompts=run.generation_batch,
-                     seed_of=lambda i: sampling_seed(seed, step, first + i), batch_rows=run.generation_rows,
-                     row_seed_of=lambda i, j: row_sampling_seed(seed, step, first + i, j))
+    seed = run.cfg.train.seed + RESAMPLE_SEED * round_ + RANK_SEED * run.dist.rank
+    prompts = encode_prompts(run, prompts_for_step(run.train_set, step, missing, seed))
+    batch = rollout(run, prompts, step, seed, ROUND_PROMPTS * round_)
     rewards, per_fn, _ = score(run, batch, step)
     return Scored(batch, rewards, per_fn, keep_groups(run, rewards, per_fn))

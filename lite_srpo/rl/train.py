@@ -29,7 +29,7 @@ from ..run.plot import write_curves
 from ..run.preflight import check_disk_space, check_output_dir, checkpoint_bytes
 from ..run.progress import Progress, announce, outputs_line
 from ..run.runtime import (GracefulStop, free_memory, is_oom, peak_memory_gb, reset_peak_memory, restore_before_step,
-                           row_sampling_seed, sampling_seed, seed_everything, set_determinism, state_before_step)
+                           seed_everything, set_determinism, state_before_step)
 from ..run.trackers import open_trackers
 from .algorithms import ALGORITHM_SPECS, ShapeInputs, Shaping, old_pass_needed
 from .completions import step_completions
@@ -39,13 +39,13 @@ from .evaluate import evaluate
 from .objectives import grpo
 from .optim import build_optimizer, build_scheduler
 from .passes import rows_logprobs, run_passes
-from .rollout import RolloutBatch, generate, pad_token_id, uses_own_sampler
+from .rollout import RolloutBatch, pad_token_id, uses_own_sampler
 from .state import Run
 from .step_parts import (batch_roles, corruption_params, encode_prompts, prompts_for_step, step_metrics,
                          subset)
-from .token_events import token_event_records
 from .dynamic_fill import Scored, fill
-from .step_sampling import keep_groups, resample, score
+from .step_sampling import keep_groups, resample, rollout, score
+from .token_events import token_event_records
 from .zero_signal import ZeroSpreadWatch, log_dropped_step, zero_spread_share
 
 log = logging.getLogger(__name__)
@@ -214,11 +214,7 @@ def rl_step(run: Run, step: int) -> dict:
 
     # 2. rollout: G responses per prompt, adapter on; the sampler is seeded by (seed, step, prompt index)
     t0 = time.perf_counter()
-    batch = generate(policy, prompts, cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.rollout.temperature,
-                     cfg.rollout.top_p, cfg.rollout.top_k, batch_prompts=run.generation_batch,
-                     seed_of=lambda i: sampling_seed(cfg.train.seed, step, first + i),
-                     batch_rows=run.generation_rows,
-                     row_seed_of=lambda i, j: row_sampling_seed(cfg.train.seed, step, first + i, j))
+    batch = rollout(run, prompts, step, cfg.train.seed, first)
     batch.first_prompt = first
     t_gen = time.perf_counter() - t0
 

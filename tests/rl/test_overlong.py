@@ -7,6 +7,7 @@ import torch
 
 from conftest import tiny_recipe
 from lite_srpo.config import config_from_dict
+from lite_srpo.rl import step_sampling  # the step's rollout calls generate from here
 from lite_srpo.rl import train as train_mod
 from lite_srpo.rl.objectives import grpo
 from lite_srpo.run.runtime import restore_before_step, state_before_step
@@ -16,7 +17,7 @@ TRUNCATED_ROWS = (0, 3, 5)  # of 8 rows: 2 prompts x G = 4
 
 def hand_truncated(monkeypatch) -> None:
     """Every rollout of the step reports exactly TRUNCATED_ROWS as truncated (hit the cap without EOS)."""
-    real = train_mod.generate
+    real = step_sampling.generate
 
     def generate(*args, **kwargs):
         batch = real(*args, **kwargs)
@@ -24,7 +25,7 @@ def hand_truncated(monkeypatch) -> None:
         batch.truncated[list(TRUNCATED_ROWS)] = True
         return batch
 
-    monkeypatch.setattr(train_mod, "generate", generate)
+    monkeypatch.setattr(step_sampling, "generate", generate)
 
 
 def make_run(tiny_qwen, root, overlong: str):

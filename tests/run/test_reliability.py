@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from conftest import assert_same, tiny_recipe, tree_hash
 from lite_srpo.config import config_from_dict, load_config
 from lite_srpo.errors import ConfigError, LiteSrpoError
+from lite_srpo.rl import step_sampling  # the step's rollout calls generate from here
 from lite_srpo.rl import train as train_mod
 from lite_srpo.run import checkpoint as ckpt
 from lite_srpo.run import preflight
@@ -314,7 +315,7 @@ def test_out_of_memory_halves_micro_batch_then_generation_batch_and_gives_up_cle
     batch, then the step succeeds with one update; at size 1 the run gives up naming what to lower."""
     cfg = config_from_dict(tiny_recipe(tiny_qwen, tmp_path, train__steps=1, train__save_every=1,
                                        rollout__max_new_tokens=8))
-    real_generate, real_logprobs = train_mod.generate, train_mod.rows_logprobs
+    real_generate, real_logprobs = step_sampling.generate, train_mod.rows_logprobs
     calls = {"generate": [], "logprobs": 0}
 
     def generate(*args, **kwargs):
@@ -329,7 +330,7 @@ def test_out_of_memory_halves_micro_batch_then_generation_batch_and_gives_up_cle
             raise oom()
         return real_logprobs(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "generate", generate)
+    monkeypatch.setattr(step_sampling, "generate", generate)
     monkeypatch.setattr(train_mod, "rows_logprobs", rows_logprobs)
     run = train_mod.train(cfg, quiet=True)
 
@@ -352,7 +353,7 @@ def test_out_of_memory_halves_micro_batch_then_generation_batch_and_gives_up_cle
         attempts.append(1)
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")  # the pre-2.5 torch form
 
-    monkeypatch.setattr(train_mod, "generate", always_oom)
+    monkeypatch.setattr(step_sampling, "generate", always_oom)
     run.micro_batch, run.generation_batch = 2, 2
     with pytest.raises(LiteSrpoError) as err:
         train_mod.step_with_oom_retry(run, 2)
@@ -363,7 +364,7 @@ def test_out_of_memory_halves_micro_batch_then_generation_batch_and_gives_up_cle
     def broken(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(train_mod, "generate", broken)
+    monkeypatch.setattr(step_sampling, "generate", broken)
     run.micro_batch = 2
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # not an OOM: not retried
         train_mod.step_with_oom_retry(run, 2)
@@ -546,7 +547,7 @@ def test_too_long_prompts_are_skipped_with_a_warning_and_never_cut(tiny_qwen, tm
     # Through train: every prompt of the step too long -> a clear error before any rollout.
     cfg.data.max_prompt_length = 8
     generated = []
-    monkeypatch.setattr(train_mod, "generate", lambda *a, **k: generated.append(1))
+    monkeypatch.setattr(step_sampling, "generate", lambda *a, **k: generated.append(1))
     caplog.clear()
     with caplog.at_level("WARNING", logger="lite_srpo.rl.train"):
         with pytest.raises(LiteSrpoError, match="data.max_prompt_length=8"):
