@@ -39,11 +39,7 @@ class Filled:
     rewards: list[float]
     per_fn: dict[str, list[float]]
     kept: list[int]  # rows of `batch` that the update uses: whole groups, at most the first round's count
-    rounds: int = 0
-    extra_rows: int = 0
-    seconds: float = 0.0
-    first_kept_groups: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # what re-sampling cost (empty when it is off)
 
 
 def concat_batches(a: RolloutBatch, b: RolloutBatch, pad_id: int) -> RolloutBatch:
@@ -87,11 +83,8 @@ def fill(first: Scored, group_size: int, max_rounds: int, pad_id: int,
             per_fn.setdefault(k, []).extend(v)
         verdicts += more.keep_group
     kept = kept_rows(verdicts, group_size, target)
-    out = Filled(batch=batch, rewards=rewards, per_fn=per_fn, kept=kept, rounds=rounds, extra_rows=extra,
-                 seconds=time.perf_counter() - t0 if rounds else 0.0, first_kept_groups=sum(first.keep_group))
-    if max_rounds > 0:
-        out.metrics = {"dynamic_sampling/resample_rounds": float(rounds),
-                       "dynamic_sampling/extra_responses": float(extra),
-                       "dynamic_sampling/filled_frac": len(kept) / max(target * group_size, 1),
-                       "time/resample": out.seconds}
-    return out
+    metrics = {} if max_rounds <= 0 else {
+        "dynamic_sampling/resample_rounds": float(rounds), "dynamic_sampling/extra_responses": float(extra),
+        "dynamic_sampling/filled_frac": len(kept) / max(target * group_size, 1),
+        "time/resample": time.perf_counter() - t0 if rounds else 0.0}
+    return Filled(batch=batch, rewards=rewards, per_fn=per_fn, kept=kept, metrics=metrics)
