@@ -13,8 +13,8 @@ checkpointing, offload and chunked-MLP hooks), and then driven through a step in
    lite-srpo's sampler (`InverseCdfSampler`);
 3. passes: the step's vision features (the cache), then each no-grad pass the algorithm runs (old,
    reference with the adapter off, corrupted image, perception removed) over one micro-batch through
-   the streamed lm_head (`streaming.token_logprobs`); the algorithm's token shaping (SRPO's weights)
-   on the step's `[N, R]` vectors, which live on the host;
+   the streamed lm_head (`streaming.token_logprobs`); then, between the phases as in `rl_step`, the
+   algorithm's token shaping (SRPO's weights) on the step's `[N, R]` vectors, which live on the host;
 4. update: one micro-batch forward with grad (checkpointed layers, offloaded inputs when on), the
    algorithm's loss (`grpo.policy_loss`, KL, extra loss), backward, gradient clipping and the
    optimizer step.
@@ -48,7 +48,7 @@ from ..model.meta_model import meta_base
 from ..model.policy import PolicyModel, wrap_policy
 from ..model.processors import vision_token_ids
 from ..model.streaming import token_logprobs
-from .algorithms import ALGORITHM_SPECS, ShapeInputs, old_pass_needed
+from .algorithms import ALGORITHM_SPECS, ShapeInputs, Shaping, old_pass_needed
 from .objectives import grpo
 from .optim import build_optimizer
 from .passes import PassOutputs, response_hidden
@@ -157,8 +157,10 @@ def trace_step(cfg: RunConfig, config: dict[str, Any], prompt_tokens: int | None
                 _trace_generation(policy, cfg, shape, layout)
             with tracker.phase("passes"):
                 passes_run = _trace_passes(policy, cfg, shape, layout, spec)
+            x = _host_inputs(cfg, shape, spec)  # the step's [N, R] vectors, on the host as in rl_step
+            shaping = spec.shape(x)  # the algorithm's token advantages (SRPO's weights)
             with tracker.phase("update"):
-                _trace_update(policy, cfg, shape, layout, spec, optimizer, tracker)
+                _trace_update(policy, cfg, shape, layout, spec, x, shaping, optimizer, tracker)
     finally:
         if previous is None:
             os.environ.pop("TRANSFORMERS_DISABLE_TORCH_CHECK", None)
@@ -178,12 +180,11 @@ def _shape(cfg: RunConfig, dims, prompt_tokens: int | None, decode_steps: int) -
     side_a = max(int(math.sqrt(img)), 1)
     side_b = max(img // side_a, 1)
     n_rows = cfg.rollout.group_size * cfg.rollout.prompts_per_step
+    micro_batch = min(cfg.train.micro_batch_size, n_rows)
     return TraceShape(prompt_tokens=prompt, image_tokens=side_a * side_b, image_grid=(1, merge * side_a, merge * side_b),
                       response_tokens=cfg.rollout.max_new_tokens, responses=n_rows,
-                      generation_rows=generation_rows(cfg, cfg.rollout.group_size),
-                      micro_batch=min(cfg.train.micro_batch_size, n_rows),
-                      logprob_chunk=min(logprob_chunk(cfg, dims, "cuda"),
-                                        min(cfg.train.micro_batch_size, n_rows) * cfg.rollout.max_new_tokens),
+                      generation_rows=generation_rows(cfg, cfg.rollout.group_size), micro_batch=micro_batch,
+                      logprob_chunk=min(logprob_chunk(cfg, dims, "cuda"), micro_batch * cfg.rollout.max_new_tokens),
                       decode_steps=max(1, min(decode_steps, cfg.rollout.max_new_tokens)))
 
 
@@ -328,11 +329,11 @@ def _trace_passes(policy: PolicyModel, cfg: RunConfig, shape: TraceShape, layout
     """Each no-grad pass of the algorithm over one micro-batch, then the token shaping on the host."""
     run: list[str] = []
     algo = cfg.algorithm
-    needed = old_pass_needed(spec, cfg.train.mini_batches) or spec.needs_corrupted or spec.needs_removed(algo) \
-        or algo.beta > 0
+    old = old_pass_needed(spec, cfg.train.mini_batches)
+    needed = old or spec.needs_corrupted or spec.needs_removed(algo) or algo.beta > 0
     batch_features = _micro_batch_features(policy, layout, shape) if needed else None
     with policy.policy():
-        if old_pass_needed(spec, cfg.train.mini_batches):
+        if old:
             logp, hidden = _response_logprobs(policy, shape, layout, batch_features, cfg.rollout.temperature, True)
             if spec.needs_focus:  # VGPO: the response hidden states in fp32, then moved to the host
                 hidden[:, shape.prompt_tokens:].float()
@@ -349,7 +350,6 @@ def _trace_passes(policy: PolicyModel, cfg: RunConfig, shape: TraceShape, layout
         with policy.reference():
             _response_logprobs(policy, shape, layout, batch_features, cfg.rollout.temperature)
         run.append("reference")
-    _host_shaping(cfg, shape, spec)
     return run
 
 
@@ -375,17 +375,10 @@ def _host_inputs(cfg: RunConfig, shape: TraceShape, spec) -> ShapeInputs:
                        group_size=cfg.rollout.group_size, cfg=cfg.algorithm, step=1, total_steps=cfg.train.steps)
 
 
-def _host_shaping(cfg: RunConfig, shape: TraceShape, spec):
-    """The algorithm's token advantages from the step's `[N, R]` vectors (host tensors in `rl_step`)."""
-    return spec.shape(_host_inputs(cfg, shape, spec))
-
-
 def _trace_update(policy: PolicyModel, cfg: RunConfig, shape: TraceShape, layout: PromptLayout, spec,
-                  optimizer: torch.optim.Optimizer, tracker: LiveBytes) -> None:
+                  x: ShapeInputs, shaping: Shaping, optimizer: torch.optim.Optimizer, tracker: LiveBytes) -> None:
     """One micro-batch of `policy_update`: forward with grad, the loss, backward, clip, optimizer step."""
     algo = cfg.algorithm
-    x = _host_inputs(cfg, shape, spec)
-    shaping = spec.shape(x)
     rows = list(range(shape.micro_batch))
     optimizer.zero_grad(set_to_none=True)
     features = _micro_batch_features(policy, layout, shape)
