@@ -101,3 +101,23 @@ def test_the_sampler_runs_on_meta_without_a_boolean_index():
     assert sampler._suppress_cache[1] is cached and cached.device.type == "meta"
     real = torch.zeros(2, 5)
     assert set(InverseCdfSampler(1.0, suppress=[0, 1, 2, 3]).sample(real).tolist()) == {4}
+
+
+def test_the_planners_pass_rule_matches_the_trainers():
+    """`terms.runs_no_grad_pass` is the model layer's copy of which steps run a no-grad pass (it cannot
+    import rl/algorithms.py): for every algorithm, with and without KL and a second mini-batch, it agrees
+    with the specs the trainer reads."""
+    from lite_srpo.config import config_from_dict
+    from lite_srpo.config.schema import ALGORITHMS
+    from lite_srpo.model.memory.terms import runs_no_grad_pass
+    from lite_srpo.rl.algorithms import ALGORITHM_SPECS, old_pass_needed
+
+    for name in ALGORITHMS:
+        for beta in (0.0, 0.01):
+            for mini in (1, 2):
+                cfg = config_from_dict({"model": {"path": "m"}, "data": {"task": "count_shapes"},
+                                        "algorithm": {"name": name, "beta": beta}, "train": {"mini_batches": mini}})
+                spec = ALGORITHM_SPECS[name]
+                trainer = (old_pass_needed(spec, mini) or spec.needs_corrupted or spec.needs_removed(cfg.algorithm)
+                           or spec.needs_focus or beta > 0)
+                assert runs_no_grad_pass(cfg) == trainer, (name, beta, mini)

@@ -81,16 +81,20 @@ def runs_no_grad_pass(cfg: RunConfig) -> bool:
 LORA_H_INPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 
 
+def _fp32_lora_mlp(cfg: RunConfig, device: str) -> bool:
+    """peft's fp32 adapter outputs show on a card when LoRA is on the MLP's up or gate projection."""
+    return device == "cuda" and bool({"up_proj", "gate_proj"} & set(cfg.lora.target_modules))
+
+
 def nograd_mlp_bytes(cfg: RunConfig, device: str, b: int) -> tuple[int, str]:
     """Bytes per token and per intermediate unit (I) alive at a no-grad MLP's peak.
 
     Without LoRA on the MLP: the activated gate, the up projection and their product, 3 x b. With fp32
-    LoRA adapters on `up_proj` over a half-precision base (QLoRA on a card), peft computes the adapter's
+    LoRA adapters on `up_proj` (or `gate_proj`) over a half-precision base (QLoRA on a card), peft computes the adapter's
     output in fp32 and then scales it (two fp32 `[tokens, I]`) while the activated gate and the base up
     projection are alive: 2 x b + 8 (the step trace shows these four at the prefill's peak). On CPU the
     fitted terms stay as measured."""
-    lora_mlp = {"up_proj", "gate_proj"} & set(cfg.lora.target_modules)
-    if device == "cuda" and lora_mlp:
+    if _fp32_lora_mlp(cfg, device):
         return max(3 * b, 2 * b + 8), "gate, up, and the fp32 LoRA output and its scaled copy"
     return 3 * b, "gate, up, their product"
 
@@ -99,7 +103,7 @@ def recompute_mlp_bytes(cfg: RunConfig, device: str, b: int) -> tuple[int, str]:
     """`nograd_mlp_bytes` for a layer recomputed with grad: the gate, its activation, the up projection
     and the product are kept for backward (4 x b); peft's fp32 adapter output and its scaled copy are
     alive next to three of them (3 x b + 8)."""
-    if device == "cuda" and {"up_proj", "gate_proj"} & set(cfg.lora.target_modules):
+    if _fp32_lora_mlp(cfg, device):
         return max(4 * b, 3 * b + 8), "gate, activation, up, and the fp32 LoRA output and its scaled copy"
     return 4 * b, "gate, activation, up, product"
 
