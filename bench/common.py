@@ -451,10 +451,11 @@ def lite_step_job(job: dict) -> dict:
 def phase_peaks(train_module, into: dict):
     """Record the peak of each phase of `rl_step` (generation, passes, update) separately.
 
-    Wraps the three functions `rl_step` calls by name in `lite_srpo.rl.train`; the high-water mark is
-    reset before each, so `into[phase]` is that phase's own peak (memory held from earlier included).
+    Wraps the three functions `rl_step` calls by name in `lite_srpo.rl.train` (`rollout` is the step's
+    generate call); the high-water mark is reset before each, so `into[phase]` is that phase's own peak
+    (memory held from earlier included).
     """
-    names = {"generate": "generation", "run_passes": "passes", "policy_update": "update"}
+    names = {"rollout": "generation", "run_passes": "passes", "policy_update": "update"}
     originals = {n: getattr(train_module, n) for n in names}
 
     def wrap(fn, phase):

@@ -113,7 +113,7 @@ def probe_job(job: dict) -> dict:
         run = T.setup(base_cfg)
         samples = bench_samples(run.policy.processor, 1, base_cfg.data.image_size, job.get("prompt_tokens"))
         prompts = T.encode_prompts(run, samples)
-        real_generate = T.generate
+        real_rollout = T.rollout  # the step's generate call
         gen = torch.Generator().manual_seed(0)
 
         def attempt(r: int) -> dict:
@@ -123,7 +123,7 @@ def probe_job(job: dict) -> dict:
                                  response_mask=torch.ones_like(ids), texts=[""] * n,
                                  truncated=torch.ones(n, dtype=torch.bool))
             run.cfg = dataclasses.replace(base_cfg, rollout=dataclasses.replace(base_cfg.rollout, max_new_tokens=r))
-            T.generate = lambda *a, **k: batch
+            T.rollout = lambda *a, **k: batch
             reset_peak()
             t0 = time.perf_counter()
             try:
@@ -132,7 +132,7 @@ def probe_job(job: dict) -> dict:
             except torch.OutOfMemoryError as exc:
                 return {"R": r, "fits": False, "error": str(exc).splitlines()[0][:200], **peak_gib()}
             finally:
-                T.generate = real_generate
+                T.rollout = real_rollout
                 run.optimizer.zero_grad(set_to_none=True)
                 T.free_memory()
 

@@ -52,11 +52,13 @@ def overhead_job(job: dict) -> dict:
         prompts = T.encode_prompts(run, T.prompts_for_step(run.train_set, 1, cfg.rollout.prompts_per_step,
                                                             cfg.train.seed))
         t0 = time.perf_counter()
-        batch = T.generate(run.policy, prompts, cfg.rollout.group_size, cfg.rollout.max_new_tokens,
-                           cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
+        from lite_srpo.rl.rollout import generate
+
+        batch = generate(run.policy, prompts, cfg.rollout.group_size, cfg.rollout.max_new_tokens,
+                         cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         t_gen = time.perf_counter() - t0
-        real_generate = T.generate
-        T.generate = lambda *a, **k: batch  # every variant scores and updates on the same responses
+        real_rollout = T.rollout
+        T.rollout = lambda *a, **k: batch  # every variant scores and updates on the same responses
         try:
             T.rl_step(run, 1)  # warm-up: optimizer state allocation, first-call overheads (not counted)
             records = []
@@ -70,7 +72,7 @@ def overhead_job(job: dict) -> dict:
                                     "extra_passes_s": m["time/extra_passes"], "update_s": m["time/update"],
                                     "other_s": own - m["time/passes"] - m["time/update"]})
         finally:
-            T.generate = real_generate
+            T.rollout = real_rollout
         return {"job": job, "generation_s": t_gen, "tokens": int(batch.response_mask.sum()), "records": records}
 
 
